@@ -1,0 +1,85 @@
+"""Checkpoints: `checkpoints/step-NNNNNNN/` committed atomically.
+
+Files are written into `step-NNNNNNN.tmp/`, a `COMPLETE` marker is written
+last, and the directory is renamed into place. A checkpoint counts only when
+it has its final name and the marker, so a crash mid-save leaves the previous
+checkpoint as the newest valid one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MARKER = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters (all of them for a full fine-tune, adapters + connector for LoRA), contiguous on CPU."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, extra: dict[str, object],
+                    train_state: dict, keep_last: int | None = None) -> Path:
+    """Write model weights (safetensors), each `extra` object (torch.save) and `train_state.json`, atomically."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / MODEL_FILE, metadata={"format": "pt", "step": str(step)})
+    for name, obj in extra.items():
+        torch.save(obj, tmp / f"{name}.pt")
+    (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, sort_keys=True))
+    (tmp / MARKER).write_text(str(step))
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load a checkpoint's trainable weights into `model`; every saved tensor must find its parameter."""
+    state = load_file(Path(checkpoint) / MODEL_FILE)
+    missing = [k for k in state if k not in dict(model.named_parameters())]
+    if missing:
+        raise KeyError(f"{checkpoint}: {len(missing)} saved tensors have no parameter in the model, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_extra(checkpoint: str | os.PathLike, name: str):
+    return torch.load(Path(checkpoint) / f"{name}.pt", map_location="cpu", weights_only=False)
+
+
+def load_train_state(checkpoint: str | os.PathLike) -> dict:
+    return json.loads((Path(checkpoint) / "train_state.json").read_text())

@@ -1,0 +1,17 @@
+"""Config helpers: where the Hydra configs live and the resolvers they use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from editflow.models.build import asset_path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def register_resolvers() -> None:
+    """`${asset:tiny/vae}` -> path of a file shipped in editflow/assets."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)

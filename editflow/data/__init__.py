@@ -1,0 +1,1 @@
+"""Data: toy edit generator, WebDataset shards, loaders."""

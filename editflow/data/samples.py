@@ -1,0 +1,70 @@
+"""Decode one shard sample: `{key}.src.<ext>`, `{key}.tgt.<ext>`, `{key}.json` (+ optional `{key}.mask.png`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names shard, key and field."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class EditSample:
+    key: str
+    source: Image.Image | None  # None for a text-to-image sample
+    target: Image.Image
+    instruction: str
+    meta: dict
+    mask: Image.Image | None = None  # ground-truth changed region, when the data has one (toy)
+
+
+def _where(raw: dict) -> str:
+    return f"shard {raw.get('__url__', '?')}, key {raw.get('__key__', '?')}"
+
+
+def _image(raw: dict, role: str, required: bool = True) -> Image.Image | None:
+    for ext in IMAGE_EXTS:
+        data = raw.get(f"{role}.{ext}")
+        if data is not None:
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except Exception as err:
+                raise SampleError("undecodable_image", f"{_where(raw)}, field {role}.{ext}: cannot decode ({err})") from err
+            return image.convert("RGB") if role != "mask" else image.convert("L")
+    if required:
+        raise SampleError("missing_field", f"{_where(raw)}: no {role}.{{{','.join(IMAGE_EXTS)}}} field")
+    return None
+
+
+def decode_sample(raw: dict) -> EditSample:
+    """A raw webdataset dict (bytes per extension) -> EditSample, or SampleError saying what is wrong."""
+    if "json" not in raw:
+        raise SampleError("missing_field", f"{_where(raw)}: no json field")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SampleError("bad_json", f"{_where(raw)}, field json: {err}") from err
+    instruction = meta.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise SampleError("empty_instruction", f"{_where(raw)}, field json.instruction: missing or empty")
+    text_to_image = bool(meta.get("text_to_image"))
+    return EditSample(
+        key=raw["__key__"],
+        source=_image(raw, "src", required=not text_to_image),
+        target=_image(raw, "tgt"),
+        instruction=instruction.strip(),
+        meta=meta,
+        mask=_image(raw, "mask", required=False),
+    )

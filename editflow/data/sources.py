@@ -1,0 +1,53 @@
+"""Where a run's shards come from: the cached toy set, or shard directories/URLs given in the config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from editflow.data.shards import read_manifest, shard_urls
+from editflow.data.toy_shards import write_toy_shards
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDITFLOW_CACHE", Path.home() / ".cache" / "editflow"))
+
+
+def toy_dir(cfg: DictConfig, split: str) -> Path:
+    cache = Path(cfg.get("cache_dir") or default_cache_dir()).expanduser()
+    num = cfg.num_train if split == "train" else cfg.num_val
+    seed = cfg.seed if split == "train" else cfg.seed + 1  # held-out scenes come from a different seed
+    return cache / f"toy-{split}-s{seed}-n{num}-px{cfg.size}"
+
+
+def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
+    """The toy split's shard directory, generated once into the cache."""
+    directory = toy_dir(cfg, split)
+    num = cfg.num_train if split == "train" else cfg.num_val
+    seed = cfg.seed if split == "train" else cfg.seed + 1
+    if read_manifest(directory).get("num_samples") != num:
+        write_toy_shards(directory, num, seed=seed, size=cfg.size, samples_per_shard=cfg.samples_per_shard,
+                         progress=progress)
+    return directory
+
+
+def resolve_urls(spec) -> list[str]:
+    """Shard URLs from a directory with a manifest, a list of directories, or explicit tar paths/brace patterns."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        path = Path(str(item)).expanduser()
+        urls += shard_urls(path) if path.is_dir() else [str(item)]
+    return urls
+
+
+def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
+    """Shard URLs of `split` ("train" or "val") for a `data/` config node."""
+    if cfg.kind == "toy":
+        return resolve_urls(str(ensure_toy(cfg.toy, split, progress)))
+    spec = cfg.get(split)
+    if not spec:
+        raise ValueError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar files")
+    return resolve_urls(spec)

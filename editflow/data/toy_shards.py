@@ -1,0 +1,58 @@
+"""Write the toy edit stream as WebDataset shards (`editflow data toy`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from editflow.data.shards import png_bytes, read_manifest, write_manifest, write_shard
+from editflow.data.toy import make_edit
+
+
+def toy_sample(index: int, seed: int, size: int) -> dict:
+    """One toy edit in the shard sample format: src/tgt images, json metadata, and the ground-truth mask."""
+    edit = make_edit(index, seed=seed, size=size)
+    return {
+        "__key__": edit.key,
+        "src.png": png_bytes(edit.source),
+        "tgt.png": png_bytes(edit.target),
+        "mask.png": png_bytes(edit.mask),
+        "json": json.dumps(edit.meta).encode(),
+    }
+
+
+def write_toy_shards(
+    out: str | os.PathLike,
+    num: int,
+    seed: int = 0,
+    size: int = 64,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+) -> Path:
+    """Write `num` toy edits to `out`; shards already listed in the manifest are kept, not rewritten."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out)
+    params = {"generator": "toy", "num": num, "seed": seed, "size": size, "samples_per_shard": samples_per_shard}
+    if manifest.get("params", params) != params:
+        raise ValueError(f"{out} holds toy shards made with {manifest['params']}, not {params}; use another --out")
+    done = {entry["file"]: entry for entry in manifest["shards"]}
+    num_shards = (num + samples_per_shard - 1) // samples_per_shard
+    shards = []
+    bar = tqdm(total=num, desc=f"toy shards -> {out}", unit="sample", disable=not progress)
+    for shard in range(num_shards):
+        name = f"toy-{shard:06d}.tar"
+        first, last = shard * samples_per_shard, min(num, (shard + 1) * samples_per_shard)
+        if name in done and (out / name).exists():
+            shards.append(done[name])
+        else:
+            shards.append(write_shard(out / name, (toy_sample(i, seed, size) for i in range(first, last))))
+            # The manifest grows shard by shard, so an interrupted run resumes where it stopped.
+            write_manifest(out, {"params": params, "shards": shards})
+        bar.update(last - first)
+    bar.close()
+    write_manifest(out, {"params": params, "shards": shards, "num_samples": num})
+    return out

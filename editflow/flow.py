@@ -1,0 +1,69 @@
+"""Rectified flow, the whole objective in one place (cf. minRF).
+
+x_t = (1 - sigma) * x0 + sigma * noise, the model predicts v = noise - x0.
+sigma = 0 is data, sigma = 1 is noise. FLUX shifts sigmas towards noise for
+larger images: sigma' = e^mu / (e^mu + 1/sigma - 1), with mu growing with the
+number of target tokens (diffusers' `calculate_shift`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+
+def resolution_mu(target_tokens: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """FLUX's shift parameter for a target of `target_tokens` packed tokens (source tokens do not count)."""
+    return calculate_shift(target_tokens, base_seq_len, max_seq_len, base_shift, max_shift)
+
+
+def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """The exponential time shift FlowMatchEulerDiscreteScheduler applies with dynamic shifting."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+
+
+def sample_sigmas(
+    batch: int,
+    mode: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    mu: float | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Training sigmas in (0, 1): logit-normal (SD3/FLUX), uniform or FLUX's mode sampling, then the shift."""
+    if mode == "logit_normal":
+        sigmas = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+    elif mode == "uniform":
+        sigmas = torch.rand(batch, generator=generator)
+    else:
+        raise ValueError(f"unknown sigma sampling {mode!r}; expected logit_normal or uniform")
+    sigmas = sigmas.clamp(1e-5, 1 - 1e-5)
+    if mu is not None:
+        sigmas = shift_sigmas(sigmas, mu)
+    return sigmas.to(device)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    s = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def sigma_bin_losses(losses: torch.Tensor, sigmas: torch.Tensor, bins: int = 4) -> dict[str, tuple[float, int]]:
+    """Sum and count of per-sample losses in equal-width sigma bins, for per-noise-level logging."""
+    index = (sigmas.float().clamp(0, 1 - 1e-6) * bins).long()
+    out = {}
+    for b in range(bins):
+        selected = losses[index == b]
+        out[f"{b / bins:.2f}-{(b + 1) / bins:.2f}"] = (float(selected.sum()), int(selected.numel()))
+    return out

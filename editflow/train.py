@@ -1,0 +1,28 @@
+"""`editflow train` / `python -m editflow.train` / `accelerate launch -m editflow.train`: one Hydra app."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from editflow.config import CONFIG_DIR, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    OmegaConf.resolve(cfg)
+    OmegaConf.save(cfg, f"{run_dir}/config.yaml")
+    logging.getLogger(__name__).info("run directory: %s", run_dir)
+    Trainer(cfg, run_dir).train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The training loop: owns models, optimizer, schedule, data stream, logging and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from editflow import checkpoint as ckpt
+from editflow import flow
+from editflow.data.loader import read_samples, train_batches
+from editflow.data.sources import split_urls
+from editflow.encoding import FrozenEncoder
+from editflow.eval import evaluate, sample_grid
+from editflow.models.build import build_models
+from editflow.pipeline import EditPipeline
+
+log = logging.getLogger(__name__)
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation that makes micro x world x accumulation equal the global batch."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch_size} is not divisible by trainer.micro_batch_size="
+            f"{micro_batch_size} x world size {world_size} = {per_step}"
+        )
+    return global_batch_size // per_step
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        tcfg = cfg.trainer
+        use_cpu = tcfg.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision)
+        acc = self.accelerator
+        self.accumulation = accumulation_steps(tcfg.global_batch_size, tcfg.micro_batch_size, acc.num_processes)
+        acc.gradient_accumulation_steps = self.accumulation
+        set_seed(tcfg.seed, device_specific=True)  # per-rank noise and sigmas
+
+        models = build_models(cfg.model, seed=tcfg.seed).to(acc.device)
+        self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
+        self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
+        editor = models.editor
+        params = [p for p in editor.parameters() if p.requires_grad]
+        ocfg = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+                                      weight_decay=ocfg.weight_decay)
+        lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=ocfg.warmup_steps, num_training_steps=tcfg.max_steps, min_lr=ocfg.min_lr
+        )
+        self.editor, self.optimizer, self.lr_scheduler = acc.prepare(editor, optimizer, lr_scheduler)
+        self.step = 0
+        self.samples_seen = 0
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+        with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
+            self.train_urls = split_urls(cfg.data, "train", progress=acc.is_main_process)
+            self.val_urls = split_urls(cfg.data, "val", progress=acc.is_main_process) if cfg.data.get("val") or \
+                cfg.data.kind == "toy" else []
+        self.batches = train_batches(
+            self.train_urls, tcfg.micro_batch_size, seed=tcfg.seed, rank=acc.process_index,
+            world_size=acc.num_processes, shuffle_buffer=cfg.data.shuffle_buffer, max_skip_rate=cfg.data.max_skip_rate,
+        )
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ state
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.trainer.get("resume")
+        if not resume:
+            return
+        path = ckpt.latest_checkpoint(self.checkpoint_root) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        ckpt.load_model_weights(self.accelerator.unwrap_model(self.editor), path)
+        self.optimizer.load_state_dict(ckpt.load_extra(path, "optimizer"))
+        self.lr_scheduler.load_state_dict(ckpt.load_extra(path, "scheduler"))
+        state = ckpt.load_train_state(path)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.checkpoint_root, self.step, acc.unwrap_model(self.editor),
+                extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict()},
+                train_state={"step": self.step, "samples_seen": self.samples_seen,
+                             "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)},
+                keep_last=self.cfg.trainer.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ step
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rectified-flow loss of one micro-batch: (mean loss, per-sample losses, sigmas)."""
+        obj = self.cfg.objective
+        device = self.accelerator.device
+        x0, source, states, mask = self.encoder(batch, device)
+        target_tokens = x0.shape[2] * x0.shape[3] // 4
+        mu = flow.resolution_mu(target_tokens) if obj.resolution_shift else None
+        sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu, device=device)
+        noise = torch.randn_like(x0)
+        noisy = flow.add_noise(x0, noise, sigmas)
+        guidance = torch.full((x0.shape[0],), float(obj.guidance), device=device)
+        pred = self.editor(noisy, source, states, mask, sigmas, guidance)
+        losses = flow.per_sample_mse(pred, flow.velocity(x0, noise))
+        return losses.mean(), losses.detach(), sigmas
+
+    def train(self) -> dict:
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.editor.train()
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        window_loss = torch.zeros((), device=acc.device)
+        window_count, window_start, window_samples = 0, time.time(), 0
+        bins: dict[str, list[float]] = {}
+        start_step = self.step
+        while self.step < tcfg.max_steps:
+            for _ in range(self.accumulation):
+                batch = next(self.batches)
+                with acc.accumulate(self.editor):
+                    loss, losses, sigmas = self.compute_loss(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(self.editor.parameters(), self.cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.lr_scheduler.step() if acc.sync_gradients else None
+                    self.optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach()
+                window_count += 1
+                window_samples += len(batch["key"]) * acc.num_processes
+                for name, (total, count) in flow.sigma_bin_losses(losses, sigmas).items():
+                    entry = bins.setdefault(name, [0.0, 0])
+                    entry[0] += total
+                    entry[1] += count
+            self.step += 1
+            self.samples_seen += tcfg.global_batch_size
+            bar.update(1)
+            if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                mean_loss = acc.reduce(window_loss, "mean").item() / window_count  # the only sync: log steps
+                elapsed = time.time() - window_start
+                record = {
+                    "step": self.step,
+                    "loss": mean_loss,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "samples_seen": self.samples_seen,
+                }
+                record.update({f"loss/sigma_{k}": t / c for k, (t, c) in bins.items() if c})
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {self.step} (keys {batch['key']})")
+                if acc.is_main_process:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{record['samples_per_s']:.1f}")
+                window_loss.zero_()
+                window_count, window_start, window_samples, bins = 0, time.time(), 0, {}
+            if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.step > start_step or ckpt.latest_checkpoint(self.checkpoint_root) is None:
+            self.save_checkpoint()
+        return self.finish()
+
+    # ------------------------------------------------------------------ end of run
+    def pipeline(self) -> EditPipeline:
+        return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler)
+
+    def finish(self) -> dict:
+        """Sample grid and eval.json on the held-out set (main process)."""
+        acc, ecfg = self.accelerator, self.cfg.eval
+        result = {}
+        if acc.is_main_process and self.val_urls and ecfg.num_samples:
+            samples = read_samples(self.val_urls, ecfg.num_samples)
+            pipe = self.pipeline()
+            self.editor.eval()
+            generator = torch.Generator().manual_seed(ecfg.seed)
+
+            def edit(batch):
+                return pipe([s.source for s in batch], [s.instruction for s in batch],
+                            num_inference_steps=ecfg.steps, guidance_scale=ecfg.guidance, generator=generator)
+
+            result, edits = evaluate(samples, edit, batch_size=ecfg.batch_size)
+            result["step"] = self.step
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+            n = min(ecfg.grid_rows, len(samples))
+            sample_grid(samples[:n], edits[:n]).save(self.run_dir / f"samples-step{self.step:07d}.png")
+            log.info("eval: model %s=%.4f, copy-source baseline %.4f", result["primary"],
+                     result["model"][result["primary"]], result["baseline"][result["primary"]])
+        acc.wait_for_everyone()
+        return result
