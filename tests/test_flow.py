@@ -1,0 +1,69 @@
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from editflow import flow
+from editflow.models.build import KONTEXT_SCHEDULER_CONFIG
+
+
+def test_interpolation_endpoints_and_velocity():
+    x0, noise = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    assert torch.equal(flow.add_noise(x0, noise, torch.zeros(3)), x0)
+    assert torch.equal(flow.add_noise(x0, noise, torch.ones(3)), noise)
+    sigma = torch.tensor([0.25, 0.5, 0.9])
+    xt = flow.add_noise(x0, noise, sigma)
+    # One exact Euler step with the true velocity lands on the data.
+    torch.testing.assert_close(xt - sigma.view(-1, 1, 1, 1) * flow.velocity(x0, noise), x0)
+
+
+def test_shift_matches_diffusers_scheduler():
+    steps = 10
+    sched = FlowMatchEulerDiscreteScheduler.from_config(KONTEXT_SCHEDULER_CONFIG)
+    mu = flow.resolution_mu(1024)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+    ours = flow.shift_sigmas(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), mu)
+    torch.testing.assert_close(sched.sigmas[:-1].double(), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_resolution_mu_grows_with_target_tokens():
+    assert flow.resolution_mu(256) == 0.5 and abs(flow.resolution_mu(4096) - 1.15) < 1e-9
+    assert flow.resolution_mu(1024) < flow.resolution_mu(2304)
+
+
+def test_sigma_sampling_ranges_and_shift_direction():
+    g = torch.Generator().manual_seed(0)
+    plain = flow.sample_sigmas(4000, "logit_normal", generator=g)
+    assert 0 < plain.min() and plain.max() < 1 and abs(plain.median() - 0.5) < 0.03
+    shifted = flow.sample_sigmas(4000, "logit_normal", mu=1.15, generator=torch.Generator().manual_seed(0))
+    assert shifted.median() > plain.median() + 0.1  # shift moves training towards noise
+    uniform = flow.sample_sigmas(4000, "uniform", generator=g)
+    assert abs(uniform.mean() - 0.5) < 0.02
+
+
+def test_sigma_bins_partition_the_batch():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    bins = flow.sigma_bin_losses(losses, torch.tensor([0.1, 0.3, 0.6, 0.95]))
+    assert [c for _, c in bins.values()] == [1, 1, 1, 1]
+    assert sum(t for t, _ in bins.values()) == 10.0
+
+
+def test_loss_decreases_when_training_the_tiny_editor(tiny_model_cfg):
+    from editflow.models.build import build_models
+
+    models = build_models(tiny_model_cfg, seed=1)
+    editor = models.editor.train()
+    torch.manual_seed(0)
+    x0, source = torch.randn(8, 16, 4, 4), torch.randn(8, 16, 4, 4)
+    states, mask = torch.randn(8, 6, 64), torch.ones(8, 6, dtype=torch.bool)
+    noise = torch.randn_like(x0)
+    sigma = torch.rand(8)
+    opt = torch.optim.AdamW(editor.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        pred = editor(flow.add_noise(x0, noise, sigma), source, states, mask, sigma, torch.ones(8))
+        loss = flow.per_sample_mse(pred, flow.velocity(x0, noise)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

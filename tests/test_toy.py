@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from editflow.data.toy import EDIT_KINDS, make_edit
+
+
+def test_same_seed_same_pixels_and_text():
+    a, b = make_edit(7, seed=3), make_edit(7, seed=3)
+    assert a.instruction == b.instruction
+    assert np.array_equal(np.asarray(a.source), np.asarray(b.source))
+    assert np.array_equal(np.asarray(a.target), np.asarray(b.target))
+
+
+def test_other_seed_or_index_gives_other_samples():
+    base = make_edit(0, seed=0)
+    others = [make_edit(0, seed=1), make_edit(5, seed=0)]
+    assert all(not np.array_equal(np.asarray(base.source), np.asarray(o.source)) for o in others)
+
+
+def test_every_kind_appears_with_exact_changed_region():
+    edits = [make_edit(i, seed=11) for i in range(50)]
+    assert {e.meta["task"] for e in edits} == set(EDIT_KINDS)
+    for e in edits:
+        diff = np.any(np.asarray(e.source) != np.asarray(e.target), axis=-1)
+        assert diff.any(), e.instruction  # every edit changes something
+        assert np.array_equal(np.asarray(e.mask) > 0, diff)
+        assert e.instruction.strip() and e.instruction[0].isupper()
+        assert e.meta["changed_fraction"] == pytest.approx(diff.mean())
+
+
+def test_instructions_are_varied_english():
+    texts = {make_edit(i, seed=2).instruction for i in range(200)}
+    first_words = {t.split()[0] for t in texts}
+    assert len(texts) > 150 and len(first_words) >= 12
+    assert not any(" a orange" in t or " a a" in t for t in texts)
+
+
+def test_recolor_changes_only_the_named_object():
+    edit = next(e for e in (make_edit(i, seed=4) for i in range(20)) if e.meta["task"] == "recolor")
+    obj = edit.meta["edit"]["object"]
+    assert obj["color"] in edit.instruction or obj["shape"] in edit.instruction
+    assert edit.meta["edit"]["new_color"] in edit.instruction
+    assert 0 < edit.meta["changed_fraction"] < 0.2
+
+
+@pytest.mark.parametrize("size", [32, 128])
+def test_other_sizes(size):
+    edit = make_edit(1, size=size)
+    assert edit.source.size == edit.target.size == edit.mask.size == (size, size)
+
+
+def test_bad_size_is_refused():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        make_edit(0, size=60)

@@ -1,0 +1,78 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+QUICK = [
+    "trainer.max_steps=4", "trainer.log_every=2", "trainer.checkpoint_every=2", "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2", "data.toy.num_train=24", "data.toy.num_val=4", "data.toy.samples_per_shard=10",
+    "eval.num_samples=4", "eval.steps=2", "eval.grid_rows=2",
+]
+
+
+def run_train(entry: list[str], run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, EDITFLOW_CACHE=str(cache), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    cmd = [*entry, *QUICK, *overrides, f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    run_train([sys.executable, "-m", "editflow.cli", "train"], root / "run", root / "cache")
+    return root
+
+
+def test_run_directory_has_every_artifact(quick_run):
+    run = quick_run / "run"
+    assert (run / "config.yaml").exists()
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert all({"step", "loss", "lr", "grad_norm"} <= m.keys() for m in metrics)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000002", "step-0000004"]
+    weights = load_file(run / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert any(k.startswith("transformer.") for k in weights) and any(k.startswith("connector.") for k in weights)
+    assert (run / "checkpoints" / "step-0000004" / "COMPLETE").exists()
+    assert list(run.glob("samples-step*.png"))
+    result = json.loads((run / "eval.json").read_text())
+    assert result["primary"] in result["model"] and result["primary"] in result["baseline"]
+    assert isinstance(result["higher_is_better"], bool)
+    # toy data was generated into the cache, not the run directory
+    assert (quick_run / "cache").is_dir() and not list(run.glob("*.tar"))
+
+
+def test_python_m_train_is_the_same_app(quick_run):
+    run = quick_run / "run_m"
+    run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache")
+    a, b = read_metrics(quick_run / "run"), read_metrics(run)
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+
+
+def test_resume_auto_continues_from_the_latest_checkpoint(quick_run):
+    run = quick_run / "run_resume"
+    run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache")
+    run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache", "trainer.resume=auto",
+              "trainer.max_steps=6")
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert metrics[-1]["lr"] < metrics[0]["lr"]
+
+
+def test_bad_batch_arithmetic_names_the_key(tmp_path):
+    env = dict(os.environ, EDITFLOW_CACHE=str(tmp_path / "c"))
+    result = subprocess.run(
+        [sys.executable, "-m", "editflow.train", *QUICK, "trainer.global_batch_size=5", f"hydra.run.dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "trainer.global_batch_size" in result.stderr
