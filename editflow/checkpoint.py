@@ -77,6 +77,30 @@ def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def rng_state() -> dict:
+    """Every random generator a training step draws from, for an exact resume."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def load_extra(checkpoint: str | os.PathLike, name: str):
     return torch.load(Path(checkpoint) / f"{name}.pt", map_location="cpu", weights_only=False)
 

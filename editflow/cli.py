@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,6 +23,26 @@ def _data(argv: list[str]) -> None:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 8)")
     toy.add_argument("--samples-per-shard", type=int, default=1000)
+
+    conv = sub.add_parser("convert", help="convert a dataset into validated shards")
+    conv.add_argument("inputs", nargs="+", metavar="INPUT", help="dataset root(s) or metadata/json(l) file(s)")
+    conv.add_argument("--format", required=True, choices=["gpt-image-edit", "llava-edit", "sharegpt4o", "jsonl"])
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--samples-per-shard", type=int, default=1000)
+    conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    conv.add_argument("--image-root", help="folder image paths are relative to (default: next to the json)")
+    conv.add_argument("--min-side", type=int, default=256, help="reject images with a shorter short side")
+    conv.add_argument("--max-aspect-change", type=float, default=0.25,
+                      help="allowed relative difference of source and target aspect ratios")
+    conv.add_argument("--max-instruction-chars", type=int, default=2000)
+    conv.add_argument("--bucket-base", type=int, default=1024, help="base resolution of the bucket histogram")
+    for key in ("source", "target", "instruction", "id"):
+        conv.add_argument(f"--{key}-key", default=key, help=f"jsonl format: field holding the {key}")
+    conv.add_argument("--dataset", help="jsonl format: dataset name stored in each sample")
+
+    ver = sub.add_parser("verify", help="check shards against manifest.json (sha256, counts)")
+    ver.add_argument("directory")
+
     args = parser.parse_args(argv)
     if args.command == "toy":
         from editflow.data.toy_shards import write_toy_shards
@@ -29,6 +50,28 @@ def _data(argv: list[str]) -> None:
         out = write_toy_shards(args.out, args.num, seed=args.seed, size=args.size,
                                samples_per_shard=args.samples_per_shard)
         print(f"wrote {args.num} toy edits to {out}")
+    elif args.command == "convert":
+        from editflow.data.convert import Validation, convert
+
+        rules = Validation(args.min_side, args.max_aspect_change, args.max_instruction_chars, args.bucket_base)
+        options = {"image_root": args.image_root}
+        if args.format == "jsonl":
+            options.update(source_key=args.source_key, target_key=args.target_key,
+                           instruction_key=args.instruction_key, id_key=args.id_key, dataset=args.dataset)
+        manifest = convert(args.format, args.inputs, args.out, args.samples_per_shard, args.workers, rules, **options)
+        print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+              f"{manifest['num_rejected']} rejected -> {args.out}/rejects.jsonl")
+        for reason, count in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
+            print(f"  {reason}: {count}")
+    elif args.command == "verify":
+        from editflow.data.convert import verify
+
+        problems = verify(args.directory)
+        for problem in problems:
+            print(f"PROBLEM {problem}", file=sys.stderr)
+        if problems:
+            sys.exit(1)
+        print(f"{args.directory}: all shards match the manifest")
 
 
 COMMANDS = {"train": _train, "data": _data}
@@ -39,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print("usage: editflow {train,data} ...\n"
               "  editflow train [hydra overrides]   train (no overrides: tiny model on toy edits, CPU)\n"
-              "  editflow data toy --out DIR --num N --seed S", file=sys.stderr)
+              "  editflow data toy --out DIR --num N --seed S\n"
+              "  editflow data convert --format FORMAT INPUT... --out DIR\n"
+              "  editflow data verify DIR", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

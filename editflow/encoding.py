@@ -37,13 +37,14 @@ class FrozenEncoder:
         device = self.codec.device
         pick = torch.tensor(indices)
         target = self.codec.encode(batch["target"][pick].to(device)).float()
-        source = self.codec.encode(batch["source"][pick].to(device)).float()
+        source = None if batch["source"] is None else self.codec.encode(batch["source"][pick].to(device)).float()
         states, mask = self.conditioner([batch["source_images"][i] for i in indices],
                                         [batch["instruction"][i] for i in indices])
-        return [(target[j], source[j], states[j, mask[j]].float()) for j in range(len(indices))]
+        return [(target[j], None if source is None else source[j], states[j, mask[j]].float())
+                for j in range(len(indices))]
 
-    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target latents, source latents, Qwen states, mask) on `device`."""
+    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(target latents, source latents or None for text-to-image, Qwen states, mask) on `device`."""
         keys = batch["key"]
         if self.cache is None:
             rows = self._encode(batch, list(range(len(keys))))
@@ -51,9 +52,9 @@ class FrozenEncoder:
             missing = [i for i, k in enumerate(keys) if k not in self.cache]
             if missing:
                 for i, row in zip(missing, self._encode(batch, missing)):
-                    self.cache[keys[i]] = tuple(t.cpu() for t in row)
+                    self.cache[keys[i]] = tuple(None if t is None else t.cpu() for t in row)
             rows = [self.cache[k] for k in keys]
         states, mask = pad_states([r[2] for r in rows])
         target = torch.stack([r[0] for r in rows])
-        source = torch.stack([r[1] for r in rows])
-        return target.to(device), source.to(device), states.to(device), mask.to(device)
+        source = None if rows[0][1] is None else torch.stack([r[1] for r in rows]).to(device)
+        return target.to(device), source, states.to(device), mask.to(device)

@@ -9,17 +9,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
 from editflow.models.build import Models
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import KontextEditor
 from editflow.models.vae import LatentCodec
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -86,7 +81,7 @@ class EditPipeline:
         sources = [im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
                    for im in images]
         prompt_embeds, pooled, mask = self.encode(sources, instructions)
-        source_latents = self.codec.encode(torch.stack([pil_to_tensor(s) for s in sources]).to(self.device))
+        source_latents = self.codec.encode(torch.stack([image_tensor(s) for s in sources]).to(self.device))
         shape = (len(sources), self.codec.latent_channels, height // self.codec.downsample, width // self.codec.downsample)
         # Noise drawn on the CPU generator like diffusers' randn_tensor, so pipelines agree seed for seed.
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)

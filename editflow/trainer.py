@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from editflow import checkpoint as ckpt
 from editflow import flow
-from editflow.data.loader import read_samples, train_batches
-from editflow.data.sources import split_urls
+from editflow.data.loader import read_samples
+from editflow.data.sources import split_urls, train_sets
+from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.encoding import FrozenEncoder
 from editflow.eval import evaluate, sample_grid
 from editflow.models.build import build_models
@@ -67,14 +68,17 @@ class Trainer:
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
+        dcfg = cfg.data
         with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
-            self.train_urls = split_urls(cfg.data, "train", progress=acc.is_main_process)
-            self.val_urls = split_urls(cfg.data, "val", progress=acc.is_main_process) if cfg.data.get("val") or \
-                cfg.data.kind == "toy" else []
-        self.batches = train_batches(
-            self.train_urls, tcfg.micro_batch_size, seed=tcfg.seed, rank=acc.process_index,
-            world_size=acc.num_processes, shuffle_buffer=cfg.data.shuffle_buffer, max_skip_rate=cfg.data.max_skip_rate,
+            sets = train_sets(dcfg, progress=acc.is_main_process)
+            self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
+                dcfg.kind == "toy" else []
+        stream = BucketStream(
+            sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
+            shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
+            max_skip_rate=dcfg.max_skip_rate,
         )
+        self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()
 
     # ------------------------------------------------------------------ state
@@ -89,18 +93,27 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.load_extra(path, "optimizer"))
         self.lr_scheduler.load_state_dict(ckpt.load_extra(path, "scheduler"))
         state = ckpt.load_train_state(path)
+        rank = self.accelerator.process_index
+        if self.cfg.trainer.get("resume_data", True):
+            self.batches.load_state_dict(state["data"][rank])
+        rng = ckpt.load_extra(path, "rng")
+        if len(rng) == self.accelerator.num_processes:
+            ckpt.set_rng_state(rng[rank])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
+        data_states = gather_object([self.batches.state_dict()])  # every rank's data position
+        rng_states = gather_object([ckpt.rng_state()])
         acc.wait_for_everyone()
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(
                 self.checkpoint_root, self.step, acc.unwrap_model(self.editor),
-                extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict()},
-                train_state={"step": self.step, "samples_seen": self.samples_seen,
+                extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+                       "rng": rng_states},
+                train_state={"step": self.step, "samples_seen": self.samples_seen, "data": data_states,
                              "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)},
                 keep_last=self.cfg.trainer.keep_last,
             )
@@ -176,6 +189,10 @@ class Trainer:
                 window_count, window_start, window_samples, bins = 0, time.time(), 0, {}
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.max_steps:
                 self.save_checkpoint()
+            if tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after:
+                bar.close()
+                self.save_checkpoint()  # stop as a preempted job would: checkpoint and leave
+                return {}
         bar.close()
         if self.step > start_step or ckpt.latest_checkpoint(self.checkpoint_root) is None:
             self.save_checkpoint()

@@ -6,7 +6,8 @@ from diffusers import FluxKontextPipeline
 from editflow.data.toy import make_edit
 from editflow.encoding import pad_states
 from editflow.models.packing import image_ids, pack, unpack
-from editflow.pipeline import EditPipeline, pil_to_tensor
+from editflow.data.loader import image_tensor
+from editflow.pipeline import EditPipeline
 
 
 def test_pack_unpack_round_trip_is_exact():
@@ -36,7 +37,7 @@ def test_tiny_model_uses_the_real_classes(tiny_models):
 
 def test_tiny_vae_decodes_toy_images_recognisably(tiny_models):
     edits = [make_edit(i, seed=99) for i in range(8)]
-    images = torch.stack([pil_to_tensor(e.target) for e in edits])
+    images = torch.stack([image_tensor(e.target) for e in edits])
     recon = tiny_models.codec.decode(tiny_models.codec.encode(images))
     mae = (recon - images).abs().mean().item() / 2  # on a [0, 1] scale
     assert mae < 0.03, f"tiny VAE reconstruction error {mae:.4f}"

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from editflow.data.shards import read_manifest, shard_urls
+from editflow.data.stream import ShardSet
 from editflow.data.toy_shards import write_toy_shards
 
 
@@ -51,3 +52,19 @@ def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
     if not spec:
         raise ValueError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar files")
     return resolve_urls(spec)
+
+
+def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
+    """The weighted shard sets to mix for training.
+
+    `data.train` is a directory, a list of them, or a mapping name -> {path(s), weight}
+    (e.g. the three GPT-IMAGE-EDIT origins, or text-to-image next to edits).
+    """
+    if cfg.kind == "toy":
+        return [ShardSet("toy", split_urls(cfg, "train", progress))]
+    spec = cfg.get("train")
+    if not spec:
+        raise ValueError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
+    if isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
+        return [ShardSet("train", resolve_urls(spec))]
+    return [ShardSet(str(name), resolve_urls(node.path), float(node.get("weight", 1.0))) for name, node in spec.items()]

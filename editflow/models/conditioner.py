@@ -89,11 +89,17 @@ class QwenVLConditioner(nn.Module):
         return self.model.device
 
     @torch.no_grad()
-    def forward(self, images: Sequence[Image.Image], instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: Sequence[Image.Image | None], instructions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images may be None (text-to-image, or the image dropped for guidance): Qwen then reads text only."""
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
-        texts = [self.processor.apply_chat_template(self._messages(t), tokenize=False) for t in instructions]
-        inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="right")
+        texts = [self.processor.apply_chat_template(self._messages(t, im is not None), tokenize=False)
+                 for im, t in zip(images, instructions)]
+        present = [im for im in images if im is not None]
+        inputs = self.processor(text=texts, images=present or None, return_tensors="pt", padding=True,
+                                padding_side="right")
         inputs = inputs.to(self.device)
         n = len(self.prefix_ids)
         prefix = torch.tensor(self.prefix_ids, device=self.device)

@@ -45,7 +45,7 @@ class KontextEditor(nn.Module):
     def forward(
         self,
         noisy: torch.Tensor,
-        sources: list[torch.Tensor] | torch.Tensor,
+        sources: list[torch.Tensor] | torch.Tensor | None,
         states: torch.Tensor,
         mask: torch.Tensor,
         sigma: torch.Tensor,
@@ -58,7 +58,7 @@ class KontextEditor(nn.Module):
     def denoise(
         self,
         noisy: torch.Tensor,
-        sources: list[torch.Tensor] | torch.Tensor,
+        sources: list[torch.Tensor] | torch.Tensor | None,
         prompt_embeds: torch.Tensor,
         pooled: torch.Tensor,
         text_mask: torch.Tensor,
@@ -71,7 +71,9 @@ class KontextEditor(nn.Module):
         first, extra references after, position index 1, 2, ...).
         sigma: (B,) in [0, 1]; guidance: (B,) raw distilled-guidance values.
         """
-        if isinstance(sources, torch.Tensor):
+        if sources is None:  # text-to-image: target tokens only
+            sources = []
+        elif isinstance(sources, torch.Tensor):
             sources = [sources]
         b, _, h, w = noisy.shape
         dtype = self.transformer.dtype

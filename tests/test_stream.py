@@ -1,0 +1,101 @@
+import itertools
+import json
+
+import pytest
+
+from editflow.data.shards import shard_urls, write_shard
+from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
+from editflow.data.toy_shards import toy_sample, write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def toy_urls(tmp_path_factory):
+    out = write_toy_shards(tmp_path_factory.mktemp("toy") / "s", num=120, seed=0, samples_per_shard=10,
+                           progress=False)
+    return shard_urls(out)
+
+
+def keys_of(loader, n):
+    return [k for batch in itertools.islice(loader, n) for k in batch["key"]]
+
+
+def make(urls, rank=0, world=1, batch=4, seed=0, workers=0, buffer=16, **kw):
+    stream = BucketStream([ShardSet("toy", urls)], batch, rank=rank, world_size=world, seed=seed,
+                          shuffle_buffer=buffer, bucket_base=64, **kw)
+    return ResumableLoader(stream, num_workers=workers)
+
+
+def test_ranks_read_disjoint_samples_covering_the_data(toy_urls):
+    # without a shuffle buffer the first 40 samples of a rank are exactly its share of epoch 0
+    per_rank = [set(keys_of(make(toy_urls, rank=r, world=3, buffer=1), 10)) for r in range(3)]
+    assert all(len(k) == 40 for k in per_rank)  # 120 samples / 3 ranks: one epoch each, no repeats
+    assert not (per_rank[0] & per_rank[1]) and not (per_rank[1] & per_rank[2]) and not (per_rank[0] & per_rank[2])
+    assert len(set.union(*per_rank)) == 120
+
+
+def test_workers_split_a_rank_without_overlap(toy_urls):
+    keys = keys_of(make(toy_urls, workers=2, buffer=1), 30)
+    assert len(set(keys)) == 120  # first epoch: every sample exactly once
+
+
+def test_resume_continues_with_the_next_unseen_batch(toy_urls):
+    reference = make(toy_urls, seed=3)
+    expected = [b["key"] for b in itertools.islice(reference, 12)]
+    first = make(toy_urls, seed=3)
+    seen = [b["key"] for b in itertools.islice(first, 5)]
+    state = first.state_dict()
+    resumed = make(toy_urls, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    seen += [b["key"] for b in itertools.islice(resumed, 7)]
+    assert seen == expected
+
+
+def test_resume_with_workers(toy_urls):
+    expected = [b["key"] for b in itertools.islice(make(toy_urls, workers=2), 9)]
+    first = make(toy_urls, workers=2)
+    seen = [b["key"] for b in itertools.islice(first, 4)]
+    resumed = make(toy_urls, workers=2)
+    resumed.load_state_dict(first.state_dict())
+    seen += [b["key"] for b in itertools.islice(resumed, 5)]
+    assert seen == expected
+
+
+def test_changed_world_size_is_reported(toy_urls):
+    state = make(toy_urls, world=2).state_dict()
+    with pytest.raises(ValueError, match="world size 2"):
+        make(toy_urls, world=4).load_state_dict(state)
+
+
+def test_batches_share_one_bucket(tmp_path):
+    samples = [toy_sample(i, seed=0, size=64) for i in range(8)] + [toy_sample(i, seed=1, size=128) for i in range(8)]
+    for i, s in enumerate(samples):
+        s["__key__"] = f"k{i:03d}"
+    write_shard(tmp_path / "mixed.tar", samples)
+    loader = make([str(tmp_path / "mixed.tar")], batch=4)
+    for batch in itertools.islice(loader, 6):
+        assert batch["target"].shape[-2:] == batch["source"].shape[-2:]
+        assert len({tuple(t.shape) for t in batch["target"]}) == 1
+
+
+def test_weighted_mixing_follows_the_weights(tmp_path):
+    sets = []
+    for name, seed in (("a", 0), ("b", 1)):
+        out = write_toy_shards(tmp_path / name, num=40, seed=seed, samples_per_shard=10, progress=False)
+        sets.append(ShardSet(name, shard_urls(out), weight=3.0 if name == "a" else 1.0))
+    loader = ResumableLoader(BucketStream(sets, 8, shuffle_buffer=4, bucket_base=64))
+    keys = keys_of(loader, 25)
+    share_a = sum(k.startswith("toy0000") for k in keys) / len(keys)
+    assert 0.65 < share_a < 0.85
+
+
+def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
+    samples = [toy_sample(i, seed=0, size=64) for i in range(40)]
+    for s in samples[::2]:
+        s["src.png"] = b"not a png"
+    write_shard(tmp_path / "bad.tar", samples)
+    lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000)
+    batch = next(lenient)
+    assert len(batch["key"]) == 2 and batch["skipped"] == {"undecodable_image": 2}
+    strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10)
+    with pytest.raises(RuntimeError, match="max_skip_rate"):
+        list(itertools.islice(strict, 20))
