@@ -74,17 +74,31 @@ def _data(argv: list[str]) -> None:
         print(f"{args.directory}: all shards match the manifest")
 
 
-COMMANDS = {"train": _train, "data": _data}
+def _edit(argv: list[str]) -> None:
+    from editflow import edit
+
+    edit.main(argv)
+
+
+def _eval(argv: list[str]) -> None:
+    from editflow import evaluate_cli
+
+    evaluate_cli.main(argv)
+
+
+COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: editflow {train,data} ...\n"
+        print("usage: editflow {train,data,edit,eval} ...\n"
               "  editflow train [hydra overrides]   train (no overrides: tiny model on toy edits, CPU)\n"
               "  editflow data toy --out DIR --num N --seed S\n"
               "  editflow data convert --format FORMAT INPUT... --out DIR\n"
-              "  editflow data verify DIR", file=sys.stderr)
+              "  editflow data verify DIR\n"
+              "  editflow edit --model RUN --image IN --instruction TEXT --out OUT [...]\n"
+              "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

@@ -2,7 +2,9 @@
 
 Schema of `eval.json` (shared by the training run and `editflow eval`):
     {"primary": NAME, "higher_is_better": BOOL, "model": {NAME: x, ...}, "baseline": {NAME: y, ...}, ...}
-All errors are mean absolute pixel errors on a [0, 1] scale.
+All errors are mean absolute pixel errors on a [0, 1] scale: `mae` against the target (primary),
+`mae_edit_region` / `mae_preserved` inside / outside the changed region, `preservation_mae` the
+drift from the source outside it, `success` the share of edits right inside and kept outside.
 """
 
 from __future__ import annotations
@@ -21,15 +23,36 @@ SUCCESS_EDIT_MAE = 0.10
 SUCCESS_KEEP_MAE = 0.05
 
 
-def edit_scores(pred: Image.Image, sample: EditSample) -> dict[str, float]:
-    """Scores of one edited image against the sample's target (and ground-truth mask, when it has one)."""
-    target = np.asarray(sample.target.convert("RGB"), dtype=np.float32) / 255
-    if pred.size != sample.target.size:
-        pred = pred.resize(sample.target.size, Image.BICUBIC)
-    error = np.abs(np.asarray(pred.convert("RGB"), dtype=np.float32) / 255 - target).mean(-1)
-    scores = {"mae": float(error.mean())}
+# Real data has no ground-truth mask: pixels whose source and target differ by more than this
+# (mean over channels, [0, 1] scale) are taken as the changed region.
+CHANGE_THRESHOLD = 0.1
+
+
+def _array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    image = image.convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def changed_region(sample: EditSample) -> np.ndarray:
+    """Boolean (H, W) changed region at the target's size: the toy ground truth, else |source - target|."""
     if sample.mask is not None:
-        changed = np.asarray(sample.mask) > 127
+        return np.asarray(sample.mask.resize(sample.target.size, Image.NEAREST)) > 127
+    difference = np.abs(_array(sample.source, sample.target.size) - _array(sample.target, sample.target.size))
+    return difference.mean(-1) > CHANGE_THRESHOLD
+
+
+def edit_scores(pred: Image.Image, sample: EditSample) -> dict[str, float]:
+    """Scores of one edited image against the sample's target, inside and outside the changed region."""
+    target = _array(sample.target, sample.target.size)
+    output = _array(pred, sample.target.size)
+    error = np.abs(output - target).mean(-1)
+    scores = {"mae": float(error.mean())}
+    if sample.source is not None:
+        changed = changed_region(sample)
+        drift = np.abs(output - _array(sample.source, sample.target.size)).mean(-1)
+        scores["preservation_mae"] = float(drift[~changed].mean()) if (~changed).any() else 0.0
         edit = float(error[changed].mean()) if changed.any() else 0.0
         keep = float(error[~changed].mean()) if (~changed).any() else 0.0
         scores.update(mae_edit_region=edit, mae_preserved=keep,
@@ -44,24 +67,45 @@ def aggregate(rows: list[tuple[str, dict[str, float]]]) -> dict[str, float]:
         for name, value in scores.items():
             overall[name].append(value)
             per_task[f"{name}/{task}"].append(value)
-    out = {name: float(np.mean(values)) for name, values in overall.items()}
-    out.update({name: float(np.mean(values)) for name, values in sorted(per_task.items())})
+    def mean(values):  # NaN (e.g. a judge answer that could not be parsed) is left out; all NaN stays NaN
+        kept = [v for v in values if not np.isnan(v)]
+        return float(np.mean(kept)) if kept else float("nan")
+
+    out = {name: mean(values) for name, values in overall.items()}
+    out.update({name: mean(values) for name, values in sorted(per_task.items())})
     return out
 
 
 def evaluate(
-    samples: Sequence[EditSample], edit_fn: Callable[[list[EditSample]], list[Image.Image]], batch_size: int = 16
+    samples: Sequence[EditSample],
+    edit_fn: Callable[[list[EditSample]], list[Image.Image]],
+    batch_size: int = 16,
+    judge=None,
+    progress: bool = False,
 ) -> tuple[dict, list[Image.Image]]:
-    """Score `edit_fn` (a batch of samples -> edited images) and copy-the-source on `samples`."""
+    """Score `edit_fn` (a batch of samples -> edited images) and copy-the-source on `samples`.
+
+    `judge` (optional, see editflow.judge) adds VLM scores of instruction following and quality.
+    """
+    from tqdm import tqdm
+
+    samples = [s for s in samples if s.source is not None]  # editing metrics need a source
     model_rows, baseline_rows, edits = [], [], []
+    bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress)
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start : start + batch_size])
         outputs = edit_fn(batch)
         for sample, output in zip(batch, outputs):
-            task = sample.meta.get("task", "edit")
-            model_rows.append((task, edit_scores(output, sample)))
-            baseline_rows.append((task, edit_scores(sample.source, sample)))
+            task = sample.meta.get("task") or "edit"
+            model_scores, baseline_scores = edit_scores(output, sample), edit_scores(sample.source, sample)
+            if judge is not None:
+                model_scores.update(judge.score(sample.source, output, sample.instruction))
+                baseline_scores.update(judge.score(sample.source, sample.source, sample.instruction))
+            model_rows.append((task, model_scores))
+            baseline_rows.append((task, baseline_scores))
             edits.append(output)
+        bar.update(len(batch))
+    bar.close()
     model, baseline = aggregate(model_rows), aggregate(baseline_rows)
     result = {
         "primary": PRIMARY,

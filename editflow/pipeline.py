@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from omegaconf import OmegaConf
 from PIL import Image
 
 from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
-from editflow.models.build import Models
+from editflow import checkpoint as ckpt
+from editflow.models.build import Models, build_models
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import KontextEditor
 from editflow.models.vae import LatentCodec
@@ -21,6 +25,18 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images (rounded to the nearest uint8)."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in array]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a run directory (newest complete checkpoint) or a checkpoint path."""
+    path = Path(path)
+    if (path / ckpt.MODEL_FILE).exists() and (path / "train_state.json").exists():
+        return path
+    latest = ckpt.latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (model.safetensors + train_state.json) nor a run "
+                                "directory with a complete checkpoints/step-NNNNNNN/")
+    return latest
 
 
 class EditPipeline:
@@ -42,6 +58,18 @@ class EditPipeline:
     def from_models(cls, models: Models) -> "EditPipeline":
         return cls(models.editor, models.conditioner, models.codec, models.scheduler)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "EditPipeline":
+        """Load a run directory (its newest checkpoint) or a checkpoint directory."""
+        checkpoint = resolve_checkpoint(path)
+        config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
+        models = build_models(config.model, seed=0)
+        ckpt.load_model_weights(models.editor, checkpoint)
+        pipe = cls.from_models(models.to(device))
+        pipe.editor.eval()
+        pipe.config = config
+        return pipe
+
     @property
     def device(self) -> torch.device:
         return next(self.editor.parameters()).device
@@ -51,11 +79,31 @@ class EditPipeline:
         return self.codec.downsample * 2  # VAE downsampling x 2x2 packing
 
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image], instructions: Sequence[str]):
-        """(prompt_embeds, pooled_prompt_embeds, mask) for FLUX, from the source images and instructions."""
+    def encode(self, images: Sequence[Image.Image | None], instructions: Sequence[str]):
+        """(prompt_embeds, pooled_prompt_embeds, mask) for FLUX, from the source images and instructions.
+
+        An image may be None and an instruction empty: the unconditional inputs of classifier-free guidance.
+        """
         states, mask = self.conditioner(images, instructions)
         prompt_embeds, pooled = self.editor.condition(states.to(self.device), mask.to(self.device))
         return prompt_embeds, pooled, mask.to(self.device)
+
+    def _conditioning(self, images, instructions, text_scale: float, image_scale: float):
+        """Conditioning for every guidance branch, concatenated along the batch: [full, image-only, none]."""
+        blank = [""] * len(instructions)
+        branches = [self.encode(images, instructions)]
+        if text_scale != 1.0 or image_scale != 1.0:
+            branches.append(self.encode(images, blank))  # the source image, no instruction
+        if image_scale != 1.0:
+            branches.append(self.encode([None] * len(images), blank))  # neither
+        longest = max(b[0].shape[1] for b in branches)
+        embeds, pooled, masks = [], [], []
+        for pe, po, m in branches:  # pad to a common length; the mask hides the padding from attention
+            pad = longest - pe.shape[1]
+            embeds.append(torch.nn.functional.pad(pe, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+            pooled.append(po)
+        return torch.cat(embeds), torch.cat(pooled), torch.cat(masks), len(branches)
 
     @torch.no_grad()
     def __call__(
@@ -68,7 +116,19 @@ class EditPipeline:
         width: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        num_images_per_prompt: int = 1,
+        references: Sequence[Image.Image] = (),
+        mask: Image.Image | None = None,
+        text_guidance_scale: float = 1.0,
+        image_guidance_scale: float = 1.0,
     ):
+        """Edit `image` (one or a batch) following `instruction`.
+
+        guidance_scale: Kontext's distilled-guidance value. text/image_guidance_scale: two-scale
+        classifier-free guidance (1.0 disables it) over the instruction and the image Qwen sees.
+        references: extra reference images (position ids 2, 3, ...). mask: "L" image at the output
+        size, white where editing is allowed; outside it the sample is pinned to the source.
+        """
         images = [image] if isinstance(image, Image.Image) else list(image)
         instructions = [instruction] if isinstance(instruction, str) else list(instruction)
         if len(instructions) == 1 and len(images) > 1:
@@ -78,14 +138,27 @@ class EditPipeline:
         width = width or images[0].width // m * m
         if height % m or width % m:
             raise ValueError(f"height and width must be multiples of {m}, got {width}x{height}")
-        sources = [im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
-                   for im in images]
-        prompt_embeds, pooled, mask = self.encode(sources, instructions)
+        fit = lambda im: im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
+        sources = [fit(im) for im in images for _ in range(num_images_per_prompt)]
+        instructions = [t for t in instructions for _ in range(num_images_per_prompt)]
+        prompt_embeds, pooled, text_mask, branches = self._conditioning(
+            sources, instructions, text_guidance_scale, image_guidance_scale)
         source_latents = self.codec.encode(torch.stack([image_tensor(s) for s in sources]).to(self.device))
-        shape = (len(sources), self.codec.latent_channels, height // self.codec.downsample, width // self.codec.downsample)
+        reference_latents = [self.codec.encode(image_tensor(fit(r))[None].to(self.device)).expand_as(source_latents)
+                             for r in references]
+        shape = (len(sources), self.codec.latent_channels, height // self.codec.downsample,
+                 width // self.codec.downsample)
         # Noise drawn on the CPU generator like diffusers' randn_tensor, so pipelines agree seed for seed.
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-        latents = self.sample(latents, source_latents, prompt_embeds, pooled, mask, num_inference_steps, guidance_scale)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        keep = None
+        if mask is not None:
+            editable = image_tensor(mask.convert("RGB").resize((width, height), Image.NEAREST))[:1] > 0
+            # A latent cell is editable when any of its pixels is (max-pool), so edits reach the mask's edge.
+            keep = 1.0 - torch.nn.functional.max_pool2d(editable[None].float(), self.codec.downsample).to(self.device)
+        latents = self.sample(
+            noise, [source_latents, *reference_latents], prompt_embeds, pooled, text_mask, num_inference_steps,
+            guidance_scale, branches, text_guidance_scale, image_guidance_scale, keep,
+        )
         if output_type == "latent":
             return latents
         decoded = self.codec.decode(latents)
@@ -95,17 +168,35 @@ class EditPipeline:
             return ((decoded.float().permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).cpu().numpy()
         return tensor_to_pil(decoded)
 
-    def sample(self, latents, source_latents, prompt_embeds, pooled, mask, steps: int, guidance_scale: float):
-        """Euler integration from noise (sigma=1) towards data with the shifted FLUX schedule."""
+    def sample(self, noise, sources, prompt_embeds, pooled, text_mask, steps: int, guidance_scale: float,
+               branches: int = 1, text_scale: float = 1.0, image_scale: float = 1.0, keep=None):
+        """Euler integration from noise (sigma=1) towards data with the shifted FLUX schedule.
+
+        With `keep` (1 where the source must stay), those latents are replaced after every step by the
+        source noised to the current sigma, so the edit blends into an unchanged surrounding.
+        """
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        target_tokens = latents.shape[2] * latents.shape[3] // 4
+        target_tokens = noise.shape[2] * noise.shape[3] // 4
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=resolution_mu(target_tokens),
                                 device=self.device)
         scheduler.set_begin_index(0)
-        batch = latents.shape[0]
-        guidance = torch.full((batch,), guidance_scale, device=self.device)
-        for t in scheduler.timesteps:
-            sigma = (t / 1000).expand(batch)
-            v = self.editor.denoise(latents, source_latents, prompt_embeds, pooled, mask, sigma, guidance)
-            latents = scheduler.step(v.float(), t, latents, return_dict=False)[0]
+        batch = noise.shape[0]
+        guidance = torch.full((batch * branches,), guidance_scale, device=self.device)
+        repeat = lambda x: x.repeat(branches, 1, 1, 1)
+        latents = noise
+        for i, t in enumerate(scheduler.timesteps):
+            sigma = (t / 1000).expand(batch * branches)
+            v = self.editor.denoise(repeat(latents), [repeat(s) for s in sources], prompt_embeds, pooled,
+                                    text_mask, sigma, guidance).float()
+            if branches == 2:  # text guidance only
+                full, image_only = v.chunk(2)
+                v = image_only + text_scale * (full - image_only)
+            elif branches == 3:  # InstructPix2Pix-style two-scale guidance
+                full, image_only, none = v.chunk(3)
+                v = none + image_scale * (image_only - none) + text_scale * (full - image_only)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            if keep is not None:
+                next_sigma = float(scheduler.sigmas[i + 1])
+                pinned = (1 - next_sigma) * sources[0] + next_sigma * noise
+                latents = keep * pinned + (1 - keep) * latents
         return latents

@@ -67,6 +67,7 @@ class Trainer:
         self.samples_seen = 0
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.pending_metrics: dict = {}
 
         dcfg = cfg.data
         with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
@@ -179,6 +180,9 @@ class Trainer:
                     "samples_seen": self.samples_seen,
                 }
                 record.update({f"loss/sigma_{k}": t / c for k, (t, c) in bins.items() if c})
+                record.update({f"data/skipped_{reason}": n for reason, n in batch.get("skipped", {}).items()})
+                record.update(self.pending_metrics)
+                self.pending_metrics = {}
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss is {mean_loss} at step {self.step} (keys {batch['key']})")
                 if acc.is_main_process:
@@ -189,6 +193,9 @@ class Trainer:
                 window_count, window_start, window_samples, bins = 0, time.time(), 0, {}
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.max_steps:
                 self.save_checkpoint()
+            if self.cfg.eval.get("every") and self.step % self.cfg.eval.every == 0 and self.step < tcfg.max_steps:
+                self.run_eval()  # its numbers go out with the next logged step
+                self.editor.train()
             if tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after:
                 bar.close()
                 self.save_checkpoint()  # stop as a preempted job would: checkpoint and leave
@@ -203,25 +210,31 @@ class Trainer:
         return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler)
 
     def finish(self) -> dict:
-        """Sample grid and eval.json on the held-out set (main process)."""
+        return self.run_eval()
+
+    def run_eval(self) -> dict:
+        """Edit the held-out samples: eval.json, a sample grid, and `eval/*` in metrics.jsonl (main process)."""
         acc, ecfg = self.accelerator, self.cfg.eval
         result = {}
         if acc.is_main_process and self.val_urls and ecfg.num_samples:
-            samples = read_samples(self.val_urls, ecfg.num_samples)
-            pipe = self.pipeline()
+            from editflow.evaluate_cli import make_edit_fn
+
+            if not hasattr(self, "_val_samples"):
+                self._val_samples = read_samples(self.val_urls, ecfg.num_samples)
+            samples = self._val_samples
             self.editor.eval()
-            generator = torch.Generator().manual_seed(ecfg.seed)
-
-            def edit(batch):
-                return pipe([s.source for s in batch], [s.instruction for s in batch],
-                            num_inference_steps=ecfg.steps, guidance_scale=ecfg.guidance, generator=generator)
-
+            edit = make_edit_fn(self.pipeline(), self.cfg.data.bucket_base, ecfg.steps, ecfg.guidance, ecfg.seed)
             result, edits = evaluate(samples, edit, batch_size=ecfg.batch_size)
             result["step"] = self.step
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-            n = min(ecfg.grid_rows, len(samples))
-            sample_grid(samples[:n], edits[:n]).save(self.run_dir / f"samples-step{self.step:07d}.png")
-            log.info("eval: model %s=%.4f, copy-source baseline %.4f", result["primary"],
-                     result["model"][result["primary"]], result["baseline"][result["primary"]])
+            n = min(ecfg.grid_rows, len(edits))
+            sample_grid([s for s in samples if s.source is not None][:n], edits[:n]).save(
+                self.run_dir / f"samples-step{self.step:07d}.png")
+            primary = result["primary"]
+            # logged with the next training record (metrics.jsonl rows always carry step and loss)
+            self.pending_metrics.update({f"eval/{k}": v for k, v in result["model"].items() if "/" not in k})
+            self.pending_metrics[f"eval/baseline_{primary}"] = result["baseline"][primary]
+            log.info("eval: model %s=%.4f, copy-source baseline %.4f", primary, result["model"][primary],
+                     result["baseline"][primary])
         acc.wait_for_everyone()
         return result

@@ -33,3 +33,27 @@ def test_grid_has_one_row_per_sample():
     samples = [_sample(i) for i in range(3)]
     grid = sample_grid(samples, [s.target for s in samples])
     assert grid.height == 3 * 64 and grid.width > 3 * 64
+
+
+def test_judge_answers_are_parsed_or_marked_unparsed():
+    import math
+
+    from editflow.judge import parse_scores
+
+    scores = parse_scores("SC=8 PQ: 2")
+    assert scores["judge_sc"] == 8 and scores["judge_pq"] == 2 and scores["judge_overall"] == 4
+    assert scores["judge_parsed"] == 1
+    garbled = parse_scores("I think it is fine")
+    assert math.isnan(garbled["judge_overall"]) and garbled["judge_parsed"] == 0
+
+
+def test_tiny_qwen_judge_runs_through_evaluate():
+    from editflow.judge import QwenVLJudge
+    from editflow.models.build import asset_path
+
+    judge = QwenVLJudge.from_pretrained(asset_path("tiny/qwen"), dtype=__import__("torch").float32)
+    samples = [_sample(i) for i in range(2)]
+    result, _ = evaluate(samples, lambda batch: [s.target for s in batch], judge=judge)
+    for side in ("model", "baseline"):
+        assert {"judge_sc", "judge_pq", "judge_overall", "judge_parsed"} <= result[side].keys()
+        assert 0 <= result[side]["judge_parsed"] <= 1  # a random tiny model rarely answers in format

@@ -44,8 +44,19 @@ def asset_path(name: str) -> str:
     return str(ASSETS / name)
 
 
+def relocate_asset(path: str) -> str:
+    """A shipped-asset path recorded on another machine or install -> this install's copy."""
+    marker = "/editflow/assets/"
+    if path and not os.path.exists(path) and marker in path:
+        candidate = ASSETS / path.split(marker, 1)[1]
+        if candidate.exists():
+            return str(candidate)
+    return path
+
+
 def _from_pretrained(cls, path: str, what: str, **kwargs):
     """`cls.from_pretrained` with an error that names the component, the path and what is missing."""
+    path = relocate_asset(path)
     local = os.path.isdir(path)
     try:
         return cls.from_pretrained(path, **kwargs)
@@ -62,7 +73,8 @@ def build_transformer(cfg: DictConfig, dtype: torch.dtype) -> FluxTransformer2DM
         )
     config = OmegaConf.to_container(cfg.config, resolve=True)
     config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", (16, 56, 56)))
-    return FluxTransformer2DModel(**config).to(dtype)
+    model = FluxTransformer2DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def build_codec(cfg: DictConfig, dtype: torch.dtype) -> LatentCodec:
@@ -73,7 +85,7 @@ def build_codec(cfg: DictConfig, dtype: torch.dtype) -> LatentCodec:
 def build_conditioner(cfg: DictConfig, dtype: torch.dtype) -> QwenVLConditioner:
     try:
         return QwenVLConditioner.from_pretrained(
-            cfg.pretrained,
+            relocate_asset(cfg.pretrained),
             dtype=dtype,
             hidden_layer=cfg.get("hidden_layer", -1),
             max_length=cfg.get("max_length", 512),

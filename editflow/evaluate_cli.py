@@ -1,0 +1,92 @@
+"""`editflow eval`: edit quality of a trained model on shards, against copy-the-source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from editflow.data.buckets import nearest_bucket
+from editflow.data.loader import read_samples
+from editflow.data.sources import resolve_urls
+from editflow.eval import evaluate, sample_grid
+
+
+def finite(value):
+    """JSON has no NaN: a metric nobody could compute is null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int):
+    """Batch of samples -> edited images, each sampled at the bucket nearest its source's aspect."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def edit(batch):
+        outputs = [None] * len(batch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, sample in enumerate(batch):
+            groups.setdefault(nearest_bucket(*sample.source.size, bucket_base), []).append(i)
+        for (width, height), indices in groups.items():
+            images = pipe([batch[i].source for i in indices], [batch[i].instruction for i in indices],
+                          num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                          generator=generator)
+            for i, image in zip(indices, images):
+                outputs[i] = image
+        return outputs
+
+    return edit
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="editflow eval", description=__doc__)
+    parser.add_argument("--model", required=True, help="a run directory, a checkpoint, or an export")
+    parser.add_argument("--data", required=True, nargs="+", help="shard directories (manifest.json) or tar files")
+    parser.add_argument("--out", required=True, help="metrics json (same schema as a run's eval.json)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's training value")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", choices=["none", "qwen"], default="none", help="VLM judge (GEdit/ImgEdit style)")
+    parser.add_argument("--judge-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="judge weights: path or hub id")
+    parser.add_argument("--grid", help="also write a sample grid PNG here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from editflow.judge import JUDGES
+    from editflow.pipeline import EditPipeline
+
+    try:
+        samples = read_samples(resolve_urls(args.data), args.limit)
+        pipe = EditPipeline.from_pretrained(args.model, device=args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"editflow eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    guidance = args.guidance if args.guidance is not None else float(pipe.config.eval.guidance)
+    base = int(pipe.config.data.get("bucket_base", 1024))
+    judge = None
+    if args.judge != "none":
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        judge = JUDGES[args.judge].from_pretrained(args.judge_model, dtype=dtype, device=args.device)
+    result, edits = evaluate(samples, make_edit_fn(pipe, base, args.steps, guidance, args.seed),
+                             batch_size=args.batch_size, judge=judge, progress=True)
+    result.update(model_path=str(args.model), data=args.data, steps=args.steps, guidance=guidance,
+                  judge=args.judge)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(finite(result), indent=1))
+    if args.grid:
+        n = min(8, len(edits))
+        sample_grid([s for s in samples if s.source is not None][:n], edits[:n]).save(args.grid)
+    primary = result["primary"]
+    print(f"{primary}: model {result['model'][primary]:.4f}  copy-source {result['baseline'][primary]:.4f}  "
+          f"({result['num_samples']} samples) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
