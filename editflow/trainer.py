@@ -45,7 +45,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         tcfg = cfg.trainer
         use_cpu = tcfg.device == "cpu" or not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision)
+        # The schedule counts optimizer steps: accelerate must not step it once per process.
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision,
+                                       step_scheduler_with_optimizer=False)
         acc = self.accelerator
         self.accumulation = accumulation_steps(tcfg.global_batch_size, tcfg.micro_batch_size, acc.num_processes)
         acc.gradient_accumulation_steps = self.accumulation

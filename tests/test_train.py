@@ -86,3 +86,19 @@ def test_bad_batch_arithmetic_names_the_key(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0 and "trainer.global_batch_size" in result.stderr
+
+
+@pytest.mark.parametrize("launcher", [
+    ["--num_processes", "1", "--cpu"],
+    ["--config_file", str(Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu_2proc.yaml")],
+], ids=["1proc", "2proc"])
+def test_accelerate_launch_runs_the_same_app(quick_run, launcher):
+    run = quick_run / f"accelerate_{len(launcher)}"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "editflow.train"]
+    result = run_train(accelerate, run, quick_run / "cache", "trainer.device=cpu")
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert metrics[0]["lr"] == read_metrics(quick_run / "run")[0]["lr"]  # one schedule step per optimizer step
+    processes = result.stderr.count("run directory:") + result.stdout.count("run directory:")
+    assert processes == (2 if "cpu_2proc" in launcher[-1] else 1)
+    assert (run / "checkpoints" / "step-0000004" / "COMPLETE").exists()
