@@ -59,11 +59,16 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
 
-def sigma_bin_losses(losses: torch.Tensor, sigmas: torch.Tensor, bins: int = 4) -> dict[str, tuple[float, int]]:
-    """Sum and count of per-sample losses in equal-width sigma bins, for per-noise-level logging."""
+def sigma_bin_losses(losses: torch.Tensor, sigmas: torch.Tensor, bins: int = 4) -> torch.Tensor:
+    """(2, bins) tensor: sum and count of per-sample losses in equal-width sigma bins.
+
+    Stays on the device (no host sync); `sigma_bin_names` labels the bins when logging."""
     index = (sigmas.float().clamp(0, 1 - 1e-6) * bins).long()
-    out = {}
-    for b in range(bins):
-        selected = losses[index == b]
-        out[f"{b / bins:.2f}-{(b + 1) / bins:.2f}"] = (float(selected.sum()), int(selected.numel()))
-    return out
+    totals = torch.zeros(2, bins, device=losses.device)
+    totals[0].index_add_(0, index, losses.float())
+    totals[1].index_add_(0, index, torch.ones_like(losses, dtype=torch.float))
+    return totals
+
+
+def sigma_bin_names(bins: int = 4) -> list[str]:
+    return [f"{b / bins:.2f}-{(b + 1) / bins:.2f}" for b in range(bins)]

@@ -147,7 +147,7 @@ class Trainer:
                    dynamic_ncols=True)
         window_loss = torch.zeros((), device=acc.device)
         window_count, window_start, window_samples = 0, time.time(), 0
-        bins: dict[str, list[float]] = {}
+        bins = torch.zeros(2, 4, device=acc.device)
         start_step = self.step
         while self.step < tcfg.max_steps:
             for _ in range(self.accumulation):
@@ -163,10 +163,7 @@ class Trainer:
                 window_loss += loss.detach()
                 window_count += 1
                 window_samples += len(batch["key"]) * acc.num_processes
-                for name, (total, count) in flow.sigma_bin_losses(losses, sigmas).items():
-                    entry = bins.setdefault(name, [0.0, 0])
-                    entry[0] += total
-                    entry[1] += count
+                bins += flow.sigma_bin_losses(losses, sigmas)
             self.step += 1
             self.samples_seen += tcfg.global_batch_size
             bar.update(1)
@@ -181,7 +178,9 @@ class Trainer:
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "samples_seen": self.samples_seen,
                 }
-                record.update({f"loss/sigma_{k}": t / c for k, (t, c) in bins.items() if c})
+                totals, counts = bins.tolist()
+                record.update({f"loss/sigma_{name}": t / c for name, t, c in zip(flow.sigma_bin_names(), totals, counts)
+                               if c})
                 record.update({f"data/skipped_{reason}": n for reason, n in batch.get("skipped", {}).items()})
                 record.update(self.pending_metrics)
                 self.pending_metrics = {}
@@ -192,7 +191,8 @@ class Trainer:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{record['samples_per_s']:.1f}")
                 window_loss.zero_()
-                window_count, window_start, window_samples, bins = 0, time.time(), 0, {}
+                window_count, window_start, window_samples = 0, time.time(), 0
+                bins.zero_()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.max_steps:
                 self.save_checkpoint()
             if self.cfg.eval.get("every") and self.step % self.cfg.eval.every == 0 and self.step < tcfg.max_steps:

@@ -42,9 +42,11 @@ def test_sigma_sampling_ranges_and_shift_direction():
 
 def test_sigma_bins_partition_the_batch():
     losses = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    bins = flow.sigma_bin_losses(losses, torch.tensor([0.1, 0.3, 0.6, 0.95]))
-    assert [c for _, c in bins.values()] == [1, 1, 1, 1]
-    assert sum(t for t, _ in bins.values()) == 10.0
+    totals, counts = flow.sigma_bin_losses(losses, torch.tensor([0.1, 0.3, 0.6, 0.95]))
+    assert counts.tolist() == [1, 1, 1, 1] and totals.tolist() == [1.0, 2.0, 3.0, 4.0]
+    totals, counts = flow.sigma_bin_losses(losses, torch.tensor([0.1, 0.15, 0.2, 0.9]))
+    assert counts.tolist() == [3, 0, 0, 1] and totals.sum() == 10.0
+    assert flow.sigma_bin_names() == ["0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00"]
 
 
 def test_loss_decreases_when_training_the_tiny_editor(tiny_model_cfg):
