@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 
 from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
@@ -34,8 +36,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (model.safetensors + train_state.json) nor a run "
-                                "directory with a complete checkpoints/step-NNNNNNN/")
+        raise FileNotFoundError(f"{path}: not an export (editflow.json), a checkpoint (model.safetensors + "
+                                "train_state.json) or a run directory with a complete checkpoints/step-NNNNNNN/")
     return latest
 
 
@@ -60,15 +62,37 @@ class EditPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "EditPipeline":
-        """Load a run directory (its newest checkpoint) or a checkpoint directory."""
-        checkpoint = resolve_checkpoint(path)
-        config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
-        models = build_models(config.model, seed=0)
-        ckpt.load_model_weights(models.editor, checkpoint)
+        """Load an export (`editflow export`), a run directory (its newest checkpoint) or a checkpoint."""
+        path = Path(path)
+        export_file = path / "editflow.json"
+        if export_file.exists():
+            config = OmegaConf.create(json.loads(export_file.read_text())["config"])
+            # The export's own transformer and VAE replace whatever the training config pointed at.
+            config.model.transformer = {"pretrained": str(path), "subfolder": "transformer"}
+            config.model.vae = {"pretrained": str(path), "subfolder": "vae"}
+            models = build_models(config.model, seed=0)
+            models.editor.connector.load_state_dict(load_file(path / "connector" / "model.safetensors"))
+        else:
+            checkpoint = resolve_checkpoint(path)
+            config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
+            models = build_models(config.model, seed=0)
+            ckpt.load_model_weights(models.editor, checkpoint)
         pipe = cls.from_models(models.to(device))
         pipe.editor.eval()
         pipe.config = config
         return pipe
+
+    def to_diffusers(self):
+        """diffusers' FluxKontextPipeline on the same transformer, VAE and scheduler config.
+
+        Give it `encode()`'s prompt_embeds and pooled_prompt_embeds (its own text encoders are empty)."""
+        from diffusers import FluxKontextPipeline
+
+        return FluxKontextPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config), vae=self.codec.vae,
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+            transformer=self.editor.transformer,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ class Connector(nn.Module):
     def __init__(self, qwen_dim: int, joint_dim: int, pooled_dim: int, hidden_dim: int | None = None):
         super().__init__()
         hidden_dim = hidden_dim or joint_dim
+        self.sizes = {"qwen_dim": qwen_dim, "joint_dim": joint_dim, "pooled_dim": pooled_dim, "hidden_dim": hidden_dim}
         self.norm = nn.LayerNorm(qwen_dim)  # last-layer LLM states have large, uneven scales
         self.mlp = nn.Sequential(nn.Linear(qwen_dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, joint_dim))
         self.pooled = nn.Sequential(nn.Linear(qwen_dim, pooled_dim), nn.SiLU(), nn.Linear(pooled_dim, pooled_dim))
