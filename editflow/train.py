@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +22,10 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     OmegaConf.save(cfg, f"{run_dir}/config.yaml")
     logging.getLogger(__name__).info("run directory: %s", run_dir)
-    Trainer(cfg, run_dir).train()
+    trainer = Trainer(cfg, run_dir)
+    trainer.train()
+    if trainer.preempted:  # the SLURM template requeues the job on this exit code
+        sys.exit(int(cfg.trainer.preempt_exit_code))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import signal
 import time
 from pathlib import Path
 
@@ -70,6 +70,9 @@ class Trainer:
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending_metrics: dict = {}
+        self.skipped_steps = self.bad_steps_in_row = 0
+        self.stop_requested = self.preempted = False
+        self._install_signal_handlers()
 
         dcfg = cfg.data
         with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
@@ -103,6 +106,7 @@ class Trainer:
         if len(rng) == self.accelerator.num_processes:
             ckpt.set_rng_state(rng[rank])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path | None:
@@ -117,6 +121,7 @@ class Trainer:
                 extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                        "rng": rng_states},
                 train_state={"step": self.step, "samples_seen": self.samples_seen, "data": data_states,
+                             "skipped_steps": self.skipped_steps,
                              "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)},
                 keep_last=self.cfg.trainer.keep_last,
             )
@@ -139,6 +144,37 @@ class Trainer:
         losses = flow.per_sample_mse(pred, flow.velocity(x0, noise))
         return losses.mean(), losses.detach(), sigmas
 
+    def _install_signal_handlers(self) -> None:
+        """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption) ask for a clean stop."""
+        def request_stop(signum, frame):
+            log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+            self.stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    def _optimizer_step(self, loss_sum: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """Clip, check, step. A non-finite loss or gradient norm skips the update (counted); too many in a
+        row stop the run. This is the step's one host sync: the update must not happen on NaN."""
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        grad_norm = acc.clip_grad_norm_(self.editor.parameters(), self.cfg.optim.grad_clip)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
+        if bool(acc.reduce(finite.float(), "min")):
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.bad_steps_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)", self.step + 1,
+                        self.bad_steps_in_row)
+            if self.bad_steps_in_row >= tcfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient norm, the last at "
+                    f"step {self.step + 1} (samples {keys[:8]}{' ...' if len(keys) > 8 else ''}); stopping")
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def train(self) -> dict:
         acc, tcfg = self.accelerator, self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,29 +182,32 @@ class Trainer:
         bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", disable=not acc.is_main_process,
                    dynamic_ncols=True)
         window_loss = torch.zeros((), device=acc.device)
-        window_count, window_start, window_samples = 0, time.time(), 0
+        window_count = torch.zeros((), device=acc.device)
+        window_start, window_samples, window_skipped = time.time(), 0, self.skipped_steps
         bins = torch.zeros(2, 4, device=acc.device)
         start_step = self.step
         while self.step < tcfg.max_steps:
+            loss_sum, keys = torch.zeros((), device=acc.device), []
             for _ in range(self.accumulation):
                 batch = next(self.batches)
+                keys += batch["key"]
                 with acc.accumulate(self.editor):
                     loss, losses, sigmas = self.compute_loss(batch)
                     acc.backward(loss)
+                    loss_sum += loss.detach()
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(self.editor.parameters(), self.cfg.optim.grad_clip)
-                    self.optimizer.step()
-                    self.lr_scheduler.step() if acc.sync_gradients else None
-                    self.optimizer.zero_grad(set_to_none=True)
-                window_loss += loss.detach()
-                window_count += 1
+                        grad_norm = self._optimizer_step(loss_sum, keys)
+                finite = torch.isfinite(loss.detach())
+                window_loss += torch.where(finite, loss.detach(), 0.0)
+                window_count += finite.float()
                 window_samples += len(batch["key"]) * acc.num_processes
-                bins += flow.sigma_bin_losses(losses, sigmas)
+                bins += flow.sigma_bin_losses(torch.nan_to_num(losses, 0.0, 0.0, 0.0), sigmas)
             self.step += 1
             self.samples_seen += tcfg.global_batch_size
             bar.update(1)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
-                mean_loss = acc.reduce(window_loss, "mean").item() / window_count  # the only sync: log steps
+                totals = acc.reduce(torch.stack([window_loss, window_count]), "sum").tolist()  # log steps only
+                mean_loss = totals[0] / totals[1] if totals[1] else float("nan")
                 elapsed = time.time() - window_start
                 record = {
                     "step": self.step,
@@ -177,30 +216,34 @@ class Trainer:
                     "grad_norm": float(grad_norm),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "samples_seen": self.samples_seen,
+                    "skipped_steps": self.skipped_steps,
                 }
-                totals, counts = bins.tolist()
-                record.update({f"loss/sigma_{name}": t / c for name, t, c in zip(flow.sigma_bin_names(), totals, counts)
-                               if c})
+                loss_totals, counts = bins.tolist()
+                record.update({f"loss/sigma_{name}": t / c for name, t, c in
+                               zip(flow.sigma_bin_names(), loss_totals, counts) if c})
                 record.update({f"data/skipped_{reason}": n for reason, n in batch.get("skipped", {}).items()})
                 record.update(self.pending_metrics)
                 self.pending_metrics = {}
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {self.step} (keys {batch['key']})")
                 if acc.is_main_process:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{record['samples_per_s']:.1f}")
                 window_loss.zero_()
-                window_count, window_start, window_samples = 0, time.time(), 0
+                window_count.zero_()
+                window_start, window_samples = time.time(), 0
                 bins.zero_()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and self.step < tcfg.max_steps:
                 self.save_checkpoint()
             if self.cfg.eval.get("every") and self.step % self.cfg.eval.every == 0 and self.step < tcfg.max_steps:
                 self.run_eval()  # its numbers go out with the next logged step
                 self.editor.train()
-            if tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after:
+            stop = self.stop_requested or bool(tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after)
+            # every rank must stop at the same step boundary, whichever of them got the signal
+            if bool(acc.reduce(torch.tensor(float(stop), device=acc.device), "max")) and self.step < tcfg.max_steps:
                 bar.close()
-                self.save_checkpoint()  # stop as a preempted job would: checkpoint and leave
+                self.save_checkpoint()
+                log.warning("stopped at step %d with a checkpoint; resume with trainer.resume=auto", self.step)
+                self.preempted = True
                 return {}
         bar.close()
         if self.step > start_step or ckpt.latest_checkpoint(self.checkpoint_root) is None:

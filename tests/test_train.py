@@ -20,11 +20,11 @@ QUICK = [
 EXACT = ("trainer.cache_encodings=false",)
 
 
-def run_train(entry: list[str], run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_train(entry: list[str], run_dir: Path, cache: Path, *overrides: str, code: int = 0):
     env = dict(os.environ, EDITFLOW_CACHE=str(cache), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     cmd = [*entry, *QUICK, *overrides, f"hydra.run.dir={run_dir}"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == code, result.stderr[-3000:]
     return result
 
 
@@ -70,7 +70,8 @@ def test_stopped_and_resumed_run_ends_bit_identical(quick_run):
     cache = quick_run / "cache"
     straight, resumed = quick_run / "straight", quick_run / "resumed"
     run_train([sys.executable, "-m", "editflow.train"], straight, cache, "trainer.max_steps=8", *EXACT)
-    run_train([sys.executable, "-m", "editflow.train"], resumed, cache, "trainer.max_steps=8", "trainer.stop_after=4", *EXACT)
+    run_train([sys.executable, "-m", "editflow.train"], resumed, cache, "trainer.max_steps=8", "trainer.stop_after=4", *EXACT,
+              code=42)  # the requeue exit code
     assert (resumed / "checkpoints" / "step-0000004").exists() and not (resumed / "eval.json").exists()
     run_train([sys.executable, "-m", "editflow.train"], resumed, cache, "trainer.max_steps=8", "trainer.resume=auto", *EXACT)
     a = load_file(straight / "checkpoints" / "step-0000008" / "model.safetensors")
@@ -102,3 +103,37 @@ def test_accelerate_launch_runs_the_same_app(quick_run, launcher):
     processes = result.stderr.count("run directory:") + result.stdout.count("run directory:")
     assert processes == (2 if "cpu_2proc" in launcher[-1] else 1)
     assert (run / "checkpoints" / "step-0000004" / "COMPLETE").exists()
+
+
+def test_sigusr1_mid_run_checkpoints_exits_for_requeue_and_resumes(quick_run):
+    """SLURM's warning signal: the run saves at the next step boundary, exits 42, and resume=auto finishes."""
+    import signal
+    import time
+
+    run = quick_run / "preempted"
+    env = dict(os.environ, EDITFLOW_CACHE=str(quick_run / "cache"), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "editflow.train", *QUICK, "trainer.max_steps=100000", "trainer.log_every=1",
+           "trainer.checkpoint_every=0", f"hydra.run.dir={run}"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 42, stderr[-2000:]
+    [checkpoint] = [p for p in (run / "checkpoints").iterdir()]
+    assert (checkpoint / "COMPLETE").exists()
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 3 <= stopped_at < 100000
+    run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache", "trainer.resume=auto",
+              f"trainer.max_steps={stopped_at + 2}", "trainer.checkpoint_every=0")
+    assert read_metrics(run)[-1]["step"] == stopped_at + 2
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(quick_run):
+    run = quick_run / "nan"
+    result = run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache", "optim.lr=1e30",
+                       "trainer.max_bad_steps=3", "optim.grad_clip=1e30", "trainer.max_steps=50", code=1)
+    assert "steps in a row had a non-finite loss or gradient norm" in result.stderr
+    assert "samples [" in result.stderr
