@@ -92,20 +92,27 @@ def _export(argv: list[str]) -> None:
     export.main(argv)
 
 
-COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval, "export": _export}
+def _slurm(argv: list[str]) -> None:
+    from editflow import slurm
+
+    slurm.main(argv)
+
+
+COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval, "export": _export, "slurm": _slurm}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: editflow {train,data,edit,eval,export} ...\n"
+        print("usage: editflow {train,data,edit,eval,export,slurm} ...\n"
               "  editflow train [hydra overrides]   train (no overrides: tiny model on toy edits, CPU)\n"
               "  editflow data toy --out DIR --num N --seed S\n"
               "  editflow data convert --format FORMAT INPUT... --out DIR\n"
               "  editflow data verify DIR\n"
               "  editflow edit --model RUN --image IN --instruction TEXT --out OUT [...]\n"
               "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]\n"
-              "  editflow export RUN_OR_CHECKPOINT --out DIR", file=sys.stderr)
+              "  editflow export RUN_OR_CHECKPOINT --out DIR\n"
+              "  editflow slurm [--nodes N ...] [--dry-run] -- [hydra overrides]", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

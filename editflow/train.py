@@ -17,9 +17,15 @@ register_resolvers()
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
+    from editflow.validate import ConfigError, validate
 
     run_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.resolve(cfg)
+    try:
+        validate(cfg)  # bad values fail here, before any model loads
+    except ConfigError as err:
+        logging.getLogger(__name__).error("invalid config: %s", err)
+        raise
     OmegaConf.save(cfg, f"{run_dir}/config.yaml")
     logging.getLogger(__name__).info("run directory: %s", run_dir)
     trainer = Trainer(cfg, run_dir)

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from editflow import checkpoint as ckpt
 from editflow import flow
@@ -24,19 +24,22 @@ from editflow.encoding import FrozenEncoder
 from editflow.eval import evaluate, sample_grid
 from editflow.models.build import build_models
 from editflow.pipeline import EditPipeline
+from editflow.validate import check_world_size
 
 log = logging.getLogger(__name__)
 
 
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Gradient accumulation that makes micro x world x accumulation equal the global batch."""
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"trainer.global_batch_size={global_batch_size} is not divisible by trainer.micro_batch_size="
-            f"{micro_batch_size} x world size {world_size} = {per_step}"
-        )
-    return global_batch_size // per_step
+def build_optimizer(params, ocfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW (fused kernels on CUDA), or bitsandbytes' 8-bit AdamW for the 24 GB mode."""
+    kwargs = dict(lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    if ocfg.get("name", "adamw") == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("optim.name=adamw8bit needs bitsandbytes (pip install 'editflow[gpu]')") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 class Trainer:
@@ -49,21 +52,23 @@ class Trainer:
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision,
                                        step_scheduler_with_optimizer=False)
         acc = self.accelerator
-        self.accumulation = accumulation_steps(tcfg.global_batch_size, tcfg.micro_batch_size, acc.num_processes)
+        self.accumulation = check_world_size(cfg, acc.num_processes)  # before any model loads
         acc.gradient_accumulation_steps = self.accumulation
         set_seed(tcfg.seed, device_specific=True)  # per-rank noise and sigmas
 
-        models = build_models(cfg.model, seed=tcfg.seed).to(acc.device)
+        models = build_models(cfg.model, seed=tcfg.seed, training=True).to(acc.device)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
         editor = models.editor
         params = [p for p in editor.parameters() if p.requires_grad]
         ocfg = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
-                                      weight_decay=ocfg.weight_decay)
-        lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=ocfg.warmup_steps, num_training_steps=tcfg.max_steps, min_lr=ocfg.min_lr
-        )
+        optimizer = build_optimizer(params, ocfg)
+        if ocfg.get("schedule", "cosine") == "constant":
+            lr_scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=ocfg.warmup_steps)
+        else:
+            lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer, num_warmup_steps=ocfg.warmup_steps, num_training_steps=tcfg.max_steps, min_lr=ocfg.min_lr
+            )
         self.editor, self.optimizer, self.lr_scheduler = acc.prepare(editor, optimizer, lr_scheduler)
         self.step = 0
         self.samples_seen = 0
@@ -73,6 +78,7 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0
         self.stop_requested = self.preempted = False
         self._install_signal_handlers()
+        self._register_process()
 
         dcfg = cfg.data
         with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
@@ -82,7 +88,7 @@ class Trainer:
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
-            max_skip_rate=dcfg.max_skip_rate,
+            max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False),
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()
@@ -143,6 +149,21 @@ class Trainer:
         pred = self.editor(noisy, source, states, mask, sigmas, guidance)
         losses = flow.per_sample_mse(pred, flow.velocity(x0, noise))
         return losses.mean(), losses.detach(), sigmas
+
+    def _register_process(self) -> None:
+        """Pid file per host and rank (the SLURM template signals exactly these); clear a PREEMPTED marker."""
+        import os
+        import socket
+
+        import atexit
+
+        pids = self.run_dir / ".pids"
+        pids.mkdir(parents=True, exist_ok=True)
+        pid_file = pids / f"{socket.gethostname()}-{self.accelerator.process_index}"
+        pid_file.write_text(str(os.getpid()))
+        atexit.register(pid_file.unlink, missing_ok=True)
+        if self.accelerator.is_main_process:
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
 
     def _install_signal_handlers(self) -> None:
         """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption) ask for a clean stop."""
@@ -243,6 +264,8 @@ class Trainer:
                 bar.close()
                 self.save_checkpoint()
                 log.warning("stopped at step %d with a checkpoint; resume with trainer.resume=auto", self.step)
+                if acc.is_main_process:  # tells the SLURM template to requeue
+                    (self.run_dir / "PREEMPTED").write_text(str(self.step))
                 self.preempted = True
                 return {}
         bar.close()

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
@@ -70,14 +71,15 @@ def refetch(raw: dict) -> dict:
     raise FileNotFoundError(f"shard {raw['__url__']} no longer holds key {raw['__key__']}")
 
 
-def bucket_of(raw: dict, base: int) -> tuple[int, int, bool]:
+def bucket_of(raw: dict, base: int, square_only: bool = False) -> tuple[int, int, bool]:
     """(width, height, text_to_image) from a sample's json alone, so fast-forwarding never decodes images.
 
     Text-to-image samples get batches of their own (no source tokens)."""
     try:
         meta = json.loads(raw["json"])
         size = meta.get("target_size") or meta.get("size")
-        return (*nearest_bucket(int(size[0]), int(size[1]), base), bool(meta.get("text_to_image")))
+        bucket = (base, base) if square_only else nearest_bucket(int(size[0]), int(size[1]), base)
+        return (*bucket, bool(meta.get("text_to_image")))
     except Exception:  # noqa: BLE001 - unreadable metadata: decoded (and rejected) later
         return (0, 0, False)
 
@@ -97,6 +99,7 @@ class BucketStream(IterableDataset):
         source_pixels: int | None = None,
         max_skip_rate: float = 0.05,
         min_seen_for_skip_rate: int = 200,
+        square_only: bool = False,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -104,6 +107,7 @@ class BucketStream(IterableDataset):
         self.sets, self.batch_size, self.rank, self.world_size = sets, batch_size, rank, world_size
         self.seed, self.shuffle_buffer, self.bucket_base = seed, shuffle_buffer, bucket_base
         self.source_pixels = source_pixels
+        self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
         self.skipped: dict[str, int] = {}
@@ -153,7 +157,7 @@ class BucketStream(IterableDataset):
     def _batches_of_raw(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
         pending: dict[tuple[int, int, bool], list[dict]] = {}
         for raw in self._mixed(worker, num_workers):
-            bucket = bucket_of(raw, self.bucket_base)
+            bucket = bucket_of(raw, self.bucket_base, self.square_only)
             group = pending.setdefault(bucket, [])
             group.append(raw)
             if len(group) == self.batch_size:
@@ -179,8 +183,11 @@ class BucketStream(IterableDataset):
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
         bucket = bucket[:2]
         source_bucket = scaled_bucket(bucket, self.source_pixels) if self.source_pixels else bucket
-        targets = [resize_to_bucket(s.target, bucket) for s in samples]
-        sources = [resize_to_bucket(s.source, source_bucket) if s.source is not None else None for s in samples]
+        fit = resize_to_bucket
+        if self.square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
+            fit = lambda image, size: image if image.size == size else image.resize(size, Image.BICUBIC)
+        targets = [fit(s.target, bucket) for s in samples]
+        sources = [fit(s.source, source_bucket) if s.source is not None else None for s in samples]
         has_source = all(s is not None for s in sources)
         return {
             "key": [s.key for s in samples],
@@ -205,7 +212,7 @@ class BucketStream(IterableDataset):
         for raws in batches:
             samples = self._decode(raws)
             if samples:
-                yield self.collate(samples, bucket_of(raws[0], self.bucket_base))
+                yield self.collate(samples, bucket_of(raws[0], self.bucket_base, self.square_only))
 
 
 class ResumableLoader:

@@ -124,12 +124,69 @@ class Models:
         return self
 
 
-def build_models(cfg: DictConfig, seed: int = 0) -> Models:
+# diffusers' Kontext LoRA target list (train_dreambooth_lora_flux_kontext.py).
+KONTEXT_LORA_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+    "ff_context.net.2", "proj_mlp", "proj_out",
+]
+# What the public GPT-IMAGE-EDIT reference trains: attention projections and norms of the image branch.
+REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.norm_q", "attn.norm_k")
+# Attention backends that have a backward pass (diffusers' dispatcher names).
+TRAINABLE_BACKENDS = {"native": None, "flash": "flash_attn", "_flash_3": "flash_attn_interface",
+                      "_native_flash": None, "_native_cudnn": None, "_native_efficient": None}
+
+
+def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
+    """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention."""
+    mode = cfg.get("trainable", "full")
+    if mode == "full":
+        transformer.requires_grad_(True)
+    elif mode == "lora":
+        from peft import LoraConfig
+
+        lora = cfg.get("lora", {})
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(
+            r=lora.get("rank", 16), lora_alpha=lora.get("alpha", lora.get("rank", 16)),
+            lora_dropout=lora.get("dropout", 0.0), init_lora_weights="gaussian",
+            target_modules=list(lora.get("target_modules") or KONTEXT_LORA_TARGETS)))
+    elif mode == "reference_attention":
+        for name, param in transformer.named_parameters():
+            param.requires_grad_(name.startswith("transformer_blocks.") and any(p in name for p in
+                                                                                 REFERENCE_ATTENTION_PATTERNS))
+    else:
+        raise ValueError(f"model.trainable: unknown mode {mode!r}")
+
+
+def set_attention_backend(transformer: FluxTransformer2DModel, backend: str | None, training: bool = True) -> None:
+    """Select diffusers' attention kernel; refuse backends that are missing or cannot train."""
+    if not backend or backend == "native":
+        return
+    if training and backend not in TRAINABLE_BACKENDS:
+        raise ValueError(f"model.attention_backend={backend!r} has no backward pass in diffusers; use one of "
+                         f"{sorted(TRAINABLE_BACKENDS)}")
+    package = TRAINABLE_BACKENDS.get(backend)
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"model.attention_backend={backend!r} needs the {package} package (pip install "
+                              f"'editflow[gpu]'); '_native_flash' uses PyTorch's built-in FlashAttention instead")
+    transformer.set_attention_backend(backend)
+
+
+def build_models(cfg: DictConfig, seed: int = 0, training: bool = False) -> Models:
     """All components of `cfg` (a `model/` config node), on the CPU; the caller moves them."""
     weights_dtype = torch_dtype(cfg.get("dtype", "float32"))
     frozen_dtype = torch_dtype(cfg.get("frozen_dtype", cfg.get("dtype", "float32")))
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
     transformer = build_transformer(cfg.transformer, weights_dtype)
+    set_attention_backend(transformer, cfg.get("attention_backend"), training)
+    if training:
+        select_trainable(transformer, cfg)
+        if cfg.get("gradient_checkpointing"):
+            transformer.enable_gradient_checkpointing()
     conditioner = build_conditioner(cfg.qwen, frozen_dtype)
     connector = build_connector(cfg.connector, conditioner.hidden_size, transformer).to(weights_dtype)
     codec = build_codec(cfg.vae, frozen_dtype)

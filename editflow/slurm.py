@@ -1,0 +1,102 @@
+"""`editflow slurm`: render (and submit) an sbatch for a training run from launch/slurm/*.sbatch.
+
+    editflow slurm --nodes 2 --partition gpu --time 48:00:00 --dry-run -- experiment=gpt_image_edit_8xa100
+
+The Hydra overrides are composed first, so a bad value fails here, not hours later in the queue. The
+job continues its run directory with trainer.resume=auto, checkpoints on SLURM's USR1 warning and is
+requeued until training finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from editflow.config import CONFIG_DIR, register_resolvers
+
+TEMPLATES = CONFIG_DIR.parent / "launch" / "slurm"
+ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
+
+
+def compose(overrides: list[str]):
+    """The run's config, validated as `editflow train` would (raises on bad keys or values)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from editflow.validate import validate
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def render(args: argparse.Namespace, overrides: list[str]) -> str:
+    cfg = compose(overrides)
+    world = args.nodes * args.gpus_per_node
+    from editflow.validate import check_world_size
+
+    check_world_size(cfg, world)
+    template = "single_node.sbatch" if args.nodes == 1 else "multi_node.sbatch"
+    accelerate_config = args.accelerate_config or str(ACCELERATE_CONFIGS / cfg.launcher.accelerate_config)
+    extra = [f"#SBATCH --partition={args.partition}"] if args.partition else []
+    extra += [f"#SBATCH --account={args.account}"] if args.account else []
+    extra += [f"#SBATCH {line}" for line in args.sbatch]
+    values = {
+        "job_name": args.job_name, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+        "total_processes": world, "cpus_per_task": args.cpus_per_task, "time": args.time,
+        "signal_lead": args.signal_lead, "run_dir": str(Path(args.run_dir).resolve()), "workdir": args.workdir,
+        "setup": args.setup, "exit_code": cfg.trainer.preempt_exit_code, "accelerate_config": accelerate_config,
+        "overrides": " ".join(shlex.quote(o) for o in overrides), "extra_sbatch": "\n".join(extra),
+    }
+    return string.Template((TEMPLATES / template).read_text()).substitute(values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1 :]
+    else:
+        overrides = []
+    parser = argparse.ArgumentParser(prog="editflow slurm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--cpus-per-task", type=int, default=64)
+    parser.add_argument("--time", default="48:00:00")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--job-name", default="editflow")
+    parser.add_argument("--run-dir", default=f"runs/slurm-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument("--workdir", default=str(Path.cwd()))
+    parser.add_argument("--setup", default="source .venv/bin/activate 2>/dev/null || true",
+                        help="shell lines run before training (modules, venv, env vars)")
+    parser.add_argument("--signal-lead", type=int, default=300, help="seconds before the limit to checkpoint")
+    parser.add_argument("--accelerate-config", help="default: launch/accelerate/<launcher.accelerate_config>")
+    parser.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    args = parser.parse_args(argv)
+    try:
+        script = render(args, overrides)
+    except Exception as err:  # noqa: BLE001 - config errors are reported, not traced
+        print(f"editflow slurm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if args.dry_run:
+        print(script)
+        return
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["sbatch", str(path)], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Config checks that run before anything heavy loads; every error names the offending key."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from editflow.models.build import DTYPES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    t, o = cfg.trainer, cfg.optim
+    for key in ("global_batch_size", "micro_batch_size", "max_steps", "log_every"):
+        _require(isinstance(t[key], int) and t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
+    _require(t.global_batch_size % t.micro_batch_size == 0, "trainer.global_batch_size",
+             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size={t.micro_batch_size}")
+    _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
+             f"expected no, bf16 or fp16, got {t.mixed_precision!r}")
+    _require(t.resume in (None, "auto") or isinstance(t.resume, str), "trainer.resume",
+             f"expected auto, a checkpoint path or null, got {t.resume!r}")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be between 0 and optim.lr={o.lr}, got {o.min_lr}")
+    _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps",
+             f"must be a non-negative integer, got {o.warmup_steps!r}")
+    _require(o.get("schedule", "cosine") in ("cosine", "constant"), "optim.schedule",
+             f"expected cosine or constant, got {o.get('schedule')!r}")
+    _require(o.get("name", "adamw") in ("adamw", "adamw8bit"), "optim.name",
+             f"expected adamw or adamw8bit, got {o.get('name')!r}")
+    obj = cfg.objective
+    _require(obj.sigma_sampling in ("logit_normal", "uniform"), "objective.sigma_sampling",
+             f"expected logit_normal or uniform, got {obj.sigma_sampling!r}")
+    _require(obj.logit_std > 0, "objective.logit_std", f"must be positive, got {obj.logit_std}")
+    d = cfg.data
+    _require(d.kind in ("toy", "shards"), "data.kind", f"expected toy or shards, got {d.kind!r}")
+    _require(d.bucket_base % 16 == 0, "data.bucket_base", f"must be a multiple of 16, got {d.bucket_base}")
+    _require(0 <= d.max_skip_rate < 1, "data.max_skip_rate", f"must be in [0, 1), got {d.max_skip_rate}")
+    m = cfg.model
+    for key in ("dtype", "frozen_dtype"):
+        _require(m.get(key, "float32") in DTYPES, f"model.{key}", f"expected one of {sorted(DTYPES)}")
+    _require(m.get("trainable", "full") in ("full", "lora", "reference_attention"), "model.trainable",
+             f"expected full, lora or reference_attention, got {m.get('trainable')!r}")
+
+
+def check_world_size(cfg: DictConfig, world_size: int) -> int:
+    """Gradient accumulation for this world size; the global batch must split evenly."""
+    t = cfg.trainer
+    per_step = t.micro_batch_size * world_size
+    _require(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
+             f"{t.global_batch_size} is not divisible by trainer.micro_batch_size={t.micro_batch_size} x "
+             f"world size {world_size} = {per_step}")
+    return t.global_batch_size // per_step

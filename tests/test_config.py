@@ -1,0 +1,103 @@
+"""Every preset composes and validates; schedule and accumulation arithmetic; SLURM rendering."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from editflow.config import CONFIG_DIR
+from editflow.validate import ConfigError, check_world_size, validate
+
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def load(*overrides):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset):
+    cfg = load(f"experiment={preset}")
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    assert (CONFIG_DIR.parent / "launch" / "accelerate" / cfg.launcher.accelerate_config).exists()
+
+
+def test_the_8xa100_recipe():
+    cfg = load("experiment=gpt_image_edit_8xa100")
+    assert (cfg.trainer.global_batch_size, cfg.optim.lr, cfg.optim.min_lr, cfg.trainer.max_steps) == \
+        (256, 5e-5, 1e-6, 30000)
+    assert cfg.trainer.mixed_precision == "bf16" and cfg.model.gradient_checkpointing
+    assert cfg.launcher.name.startswith("deepspeed") and cfg.data.bucket_base == 1024
+    assert "flash" in cfg.model.attention_backend
+    released = load("experiment=gpt_image_edit_released")
+    assert (released.trainer.global_batch_size, released.optim.lr, released.optim.schedule) == (8, 1e-6, "constant")
+    assert released.model.trainable == "reference_attention" and released.data.square_only
+
+
+@pytest.mark.parametrize("world,expected", [(1, 128), (2, 64), (8, 16), (16, 8)])
+def test_accumulation_is_derived_from_the_world_size(world, expected):
+    cfg = load("experiment=gpt_image_edit_8xa100")
+    assert check_world_size(cfg, world) == expected  # 256 / (micro 2 x world)
+
+
+def test_indivisible_global_batch_names_the_key():
+    cfg = load("experiment=gpt_image_edit_8xa100")
+    with pytest.raises(ConfigError, match="trainer.global_batch_size"):
+        check_world_size(cfg, 3)
+    with pytest.raises(ConfigError, match="trainer.global_batch_size"):
+        validate(load("trainer.global_batch_size=33", "trainer.micro_batch_size=2"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=-1", "optim.lr"), ("optim.min_lr=1", "optim.min_lr"), ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
+    ("objective.sigma_sampling=beta", "objective.sigma_sampling"), ("data.bucket_base=1000", "data.bucket_base"),
+    ("+model.trainable=some", "model.trainable"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(load(override) if not override.startswith("+model") else load(override.replace("+", "")))
+
+
+def test_lr_at_warmup_end_middle_and_end_of_the_cosine():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 500, 30000, min_lr=1e-6)
+    lrs = []
+    for _ in range(30000):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == 0 and lrs[250] == pytest.approx(2.5e-5)
+    assert lrs[500] == pytest.approx(5e-5)
+    assert lrs[500 + (30000 - 500) // 2] == pytest.approx((5e-5 + 1e-6) / 2, rel=1e-3)
+    assert lrs[-1] == pytest.approx(1e-6, rel=1e-2)
+
+
+def test_slurm_dry_run_renders_a_requeueing_sbatch(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "editflow.cli", "slurm", "--nodes", "2", "--partition", "gpu", "--time", "12:00:00",
+         "--run-dir", str(tmp_path / "run"), "--dry-run", "--", "experiment=gpt_image_edit_8xa100"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for expected in ("#SBATCH --nodes=2", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue",
+                     "#SBATCH --partition=gpu", "--num_processes 16", "deepspeed_zero3.yaml",
+                     "experiment=gpt_image_edit_8xa100", "trainer.resume=auto", "scontrol requeue", "PREEMPTED"):
+        assert expected in script, expected
+    assert "$nodes" not in script and not (tmp_path / "run").exists()  # dry run: nothing written
+    (tmp_path / "job.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0  # valid shell
+    bad = subprocess.run([sys.executable, "-m", "editflow.cli", "slurm", "--nodes", "3", "--dry-run", "--",
+                          "experiment=gpt_image_edit_8xa100"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "trainer.global_batch_size" in bad.stderr
+    single = subprocess.run([sys.executable, "-m", "editflow.cli", "slurm", "--gpus-per-node", "1", "--dry-run", "--",
+                             "experiment=lora_24gb",
+                             "trainer.max_steps=10"], capture_output=True, text=True)
+    assert single.returncode == 0 and "#SBATCH --nodes=1" in single.stdout and "trainer.max_steps=10" in single.stdout
+    (tmp_path / "single.sbatch").write_text(single.stdout)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "single.sbatch")]).returncode == 0
