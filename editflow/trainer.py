@@ -20,7 +20,9 @@ from editflow import flow
 from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
+from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder
+from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
 from editflow.models.build import build_models
 from editflow.pipeline import EditPipeline
@@ -76,6 +78,12 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending_metrics: dict = {}
         self.skipped_steps = self.bad_steps_in_row = 0
+        self.ema = None
+        if tcfg.get("ema_decay"):
+            self.ema = EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.get("ema_cpu") else None)
+        self.flops_per_step: int | None = None
+        self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
+        self.wandb = None
         self.stop_requested = self.preempted = False
         self._install_signal_handlers()
         self._register_process()
@@ -111,8 +119,13 @@ class Trainer:
         rng = ckpt.load_extra(path, "rng")
         if len(rng) == self.accelerator.num_processes:
             ckpt.set_rng_state(rng[rank])
+        if self.ema is not None and (path / "ema.pt").exists():
+            self.ema.load_state_dict(ckpt.load_extra(path, "ema"))
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        # counted at step 1 and carried along: counting again would wrap a different step in the
+        # counter's dispatch mode, which may pick other kernels and break the bit-exact trajectory
+        self.flops_per_step = state.get("flops_per_step")
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path | None:
@@ -125,9 +138,9 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.checkpoint_root, self.step, acc.unwrap_model(self.editor),
                 extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                       "rng": rng_states},
+                       "rng": rng_states, **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
                 train_state={"step": self.step, "samples_seen": self.samples_seen, "data": data_states,
-                             "skipped_steps": self.skipped_steps,
+                             "skipped_steps": self.skipped_steps, "flops_per_step": self.flops_per_step,
                              "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)},
                 keep_last=self.cfg.trainer.keep_last,
             )
@@ -184,6 +197,8 @@ class Trainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.bad_steps_in_row = 0
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.editor))
         else:
             self.skipped_steps += 1
             self.bad_steps_in_row += 1
@@ -196,8 +211,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def _forward_backward(self, batch: dict):
+        loss, losses, sigmas = self.compute_loss(batch)
+        self.accelerator.backward(loss)
+        return loss, losses, sigmas
+
+    def _init_wandb(self) -> None:
+        lcfg = self.cfg.get("logging", {})
+        if not (self.accelerator.is_main_process and lcfg.get("wandb", False)):
+            return
+        import wandb
+
+        self.wandb = wandb.init(project=lcfg.get("project", "editflow"), name=lcfg.get("name"), dir=str(self.run_dir),
+                                mode=lcfg.get("wandb_mode", "offline"), resume="allow",
+                                id=lcfg.get("run_id") or self.run_dir.name,
+                                config=OmegaConf.to_container(self.cfg, resolve=True))
+
     def train(self) -> dict:
         acc, tcfg = self.accelerator, self.cfg.trainer
+        self._init_wandb()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.editor.train()
         bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="train", disable=not acc.is_main_process,
@@ -213,8 +245,11 @@ class Trainer:
                 batch = next(self.batches)
                 keys += batch["key"]
                 with acc.accumulate(self.editor):
-                    loss, losses, sigmas = self.compute_loss(batch)
-                    acc.backward(loss)
+                    if self.flops_per_step is None:  # count the real step's FLOPs once (step 1), for MFU
+                        (loss, losses, sigmas), flops = count_step_flops(lambda: self._forward_backward(batch))
+                        self.flops_per_step = flops * self.accumulation * acc.num_processes
+                    else:
+                        loss, losses, sigmas = self._forward_backward(batch)
                     loss_sum += loss.detach()
                     if acc.sync_gradients:
                         grad_norm = self._optimizer_step(loss_sum, keys)
@@ -239,6 +274,12 @@ class Trainer:
                     "samples_seen": self.samples_seen,
                     "skipped_steps": self.skipped_steps,
                 }
+                if self.flops_per_step:
+                    steps_in_window = window_samples / max(1, tcfg.global_batch_size)
+                    tflops = self.flops_per_step * steps_in_window / max(elapsed, 1e-9) / 1e12
+                    record["tflops_per_s"] = tflops / acc.num_processes  # per device
+                    if self.peak_tflops:
+                        record["mfu"] = record["tflops_per_s"] / self.peak_tflops
                 loss_totals, counts = bins.tolist()
                 record.update({f"loss/sigma_{name}": t / c for name, t, c in
                                zip(flow.sigma_bin_names(), loss_totals, counts) if c})
@@ -248,6 +289,8 @@ class Trainer:
                 if acc.is_main_process:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if self.wandb is not None:
+                        self.wandb.log(record, step=self.step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{record['samples_per_s']:.1f}")
                 window_loss.zero_()
                 window_count.zero_()
@@ -271,7 +314,12 @@ class Trainer:
         bar.close()
         if self.step > start_step or ckpt.latest_checkpoint(self.checkpoint_root) is None:
             self.save_checkpoint()
-        return self.finish()
+        result = self.finish()
+        if self.wandb is not None:
+            if result:
+                self.wandb.summary.update({f"eval/{k}": v for k, v in result["model"].items() if "/" not in k})
+            self.wandb.finish()
+        return result
 
     # ------------------------------------------------------------------ end of run
     def pipeline(self) -> EditPipeline:

@@ -137,3 +137,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(quick_run):
                        "trainer.max_bad_steps=3", "optim.grad_clip=1e30", "trainer.max_steps=50", code=1)
     assert "steps in a row had a non-finite loss or gradient norm" in result.stderr
     assert "samples [" in result.stderr
+
+
+def test_logging_throughput_mfu_ema_and_offline_wandb(quick_run):
+    run = quick_run / "logging"
+    run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache", "trainer.ema_decay=0.5",
+              "trainer.ema_cpu=true", "trainer.peak_tflops=0.5")
+    record = read_metrics(run)[-1]
+    assert record["tflops_per_s"] > 0 and record["mfu"] == pytest.approx(record["tflops_per_s"] / 0.5)
+    assert record["samples_per_s"] > 0 and "loss/sigma_0.00-0.25" in json.dumps(read_metrics(run))
+    checkpoint = run / "checkpoints" / "step-0000004"
+    ema = torch.load(checkpoint / "ema.pt")
+    weights = load_file(checkpoint / "model.safetensors")
+    assert ema.keys() == weights.keys()
+    assert any(not torch.equal(ema[k], weights[k]) for k in ema)  # an average, not a copy
+    assert list((run / "wandb").glob("offline-run-*"))  # wandb is offline by default

@@ -1,0 +1,34 @@
+"""Exponential moving average of the trainable weights, optionally kept in CPU memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float, device: str | None = None):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.device = device
+        params = dict(model.named_parameters())
+        self.shadow = [params[n].detach().to(device or params[n].device, torch.float32, copy=True) for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        current = [params[n].detach().to(s.device, torch.float32) for n, s in zip(self.names, self.shadow)]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: s.to("cpu").contiguous() for n, s in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, shadow in zip(self.names, self.shadow):
+            params[name].copy_(shadow)
