@@ -32,26 +32,47 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, extra: dict[str, object],
-                    train_state: dict, keep_last: int | None = None) -> Path:
-    """Write model weights (safetensors), each `extra` object (torch.save) and `train_state.json`, atomically."""
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
+def staging_dir(root: str | os.PathLike, step: int) -> Path:
+    return step_dir(root, step).with_name(step_dir(root, step).name + ".tmp")
+
+
+def stage(root: str | os.PathLike, step: int) -> Path:
+    """A fresh `step-NNNNNNN.tmp/` to write into (leftovers of a crashed save of that step are removed)."""
+    tmp = staging_dir(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / MODEL_FILE, metadata={"format": "pt", "step": str(step)})
+    return tmp
+
+
+def write(tmp: Path, step: int, weights: dict[str, torch.Tensor], extra: dict[str, object], train_state: dict) -> None:
+    """Model weights (safetensors), each `extra` object (torch.save) and `train_state.json` into `tmp`."""
+    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "step": str(step)})
     for name, obj in extra.items():
         torch.save(obj, tmp / f"{name}.pt")
     (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, sort_keys=True))
+
+
+def commit(tmp: Path, step: int, keep_last: int | None = None) -> Path:
+    """Write the marker, rename `tmp` into place, then drop all but the newest `keep_last` checkpoints."""
+    final = step_dir(tmp.parent, step)
     (tmp / MARKER).write_text(str(step))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep_last:
-        for old in complete_checkpoints(root)[:-keep_last]:
+        for old in complete_checkpoints(tmp.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, extra: dict[str, object],
+                    train_state: dict, keep_last: int | None = None) -> Path:
+    """One process writes everything, atomically (the trainer composes stage/write/commit itself so that
+    DeepSpeed's sharded state can be written by every rank in between)."""
+    tmp = stage(root, step)
+    write(tmp, step, trainable_state(model), extra, train_state)
+    return commit(tmp, step, keep_last)
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:

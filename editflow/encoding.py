@@ -26,6 +26,26 @@ def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return states, mask
 
 
+def condition_dropout(batch: dict, p_text: float, p_image: float, p_both: float) -> dict:
+    """Classifier-free guidance training: per sample, Qwen sees the source image without the instruction
+    (p_text), the instruction without the image (p_image), or neither (p_both) — the inputs of the
+    two-scale sampler's unconditional branches. Draws from torch's global RNG (restored on resume)."""
+    if not (p_text or p_image or p_both):
+        return batch
+    keys, instructions, images = list(batch["key"]), list(batch["instruction"]), list(batch["source_images"])
+    for i, u in enumerate(torch.rand(len(keys)).tolist()):
+        drop = "text" if u < p_text else "image" if u < p_text + p_image else \
+            "both" if u < p_text + p_image + p_both else None
+        if drop is None:
+            continue
+        keys[i] = f"{keys[i]}#drop-{drop}"  # a separate entry in the encoding cache
+        if drop in ("text", "both"):
+            instructions[i] = ""
+        if drop in ("image", "both"):
+            images[i] = None
+    return {**batch, "key": keys, "instruction": instructions, "source_images": images}
+
+
 class FrozenEncoder:
     def __init__(self, codec: LatentCodec, conditioner: QwenVLConditioner, cache: bool = False):
         self.codec = codec

@@ -12,6 +12,7 @@ import math
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 
 def resolution_mu(target_tokens: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
@@ -24,6 +25,10 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
 
 
+SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
 def sample_sigmas(
     batch: int,
     mode: str = "logit_normal",
@@ -32,18 +37,30 @@ def sample_sigmas(
     mu: float | None = None,
     generator: torch.Generator | None = None,
     device=None,
+    mode_scale: float = 1.29,
 ) -> torch.Tensor:
-    """Training sigmas in (0, 1): logit-normal (SD3/FLUX), uniform or FLUX's mode sampling, then the shift."""
-    if mode == "logit_normal":
-        sigmas = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
-    elif mode == "uniform":
-        sigmas = torch.rand(batch, generator=generator)
-    else:
-        raise ValueError(f"unknown sigma sampling {mode!r}; expected logit_normal or uniform")
+    """Training sigmas in (0, 1): logit-normal (SD3/FLUX), SD3's mode sampling or uniform, then the shift."""
+    if mode not in SIGMA_SAMPLING:
+        raise ValueError(f"unknown sigma sampling {mode!r}; expected one of {SIGMA_SAMPLING}")
+    sigmas = compute_density_for_timestep_sampling(mode, batch, mean, std, mode_scale, generator=generator)
     sigmas = sigmas.clamp(1e-5, 1 - 1e-5)
     if mu is not None:
         sigmas = shift_sigmas(sigmas, mu)
     return sigmas.to(device)
+
+
+def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights: none, SD3's sigma_sqrt (sigma^-2) or cosmap."""
+    if scheme not in LOSS_WEIGHTING:
+        raise ValueError(f"unknown loss weighting {scheme!r}; expected one of {LOSS_WEIGHTING}")
+    return compute_loss_weighting_for_sd3(scheme, sigmas.float())
+
+
+def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none"):
+    """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch."""
+    pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance)
+    losses = per_sample_mse(pred, velocity(x0, noise))
+    return (losses * loss_weights(weighting, sigmas)).mean(), losses.detach()
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

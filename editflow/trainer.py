@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
@@ -21,7 +21,7 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
-from editflow.encoding import FrozenEncoder
+from editflow.encoding import FrozenEncoder, condition_dropout
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
 from editflow.models.build import build_models
@@ -44,15 +44,25 @@ def build_optimizer(params, ocfg: DictConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
+def _process_group_kwargs() -> list:
+    """DeepSpeed without CUDA (CPU tests): accelerate only counts the processes when it is told the backend."""
+    import os
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+    return [InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else []
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tcfg = cfg.trainer
-        use_cpu = tcfg.device == "cpu" or not torch.cuda.is_available()
+        use_cpu = tcfg.device == "cpu"  # auto: accelerate falls back to the CPU itself (and keeps DeepSpeed usable)
         # The schedule counts optimizer steps: accelerate must not step it once per process.
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision,
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=_process_group_kwargs())
         acc = self.accelerator
         self.accumulation = check_world_size(cfg, acc.num_processes)  # before any model loads
         acc.gradient_accumulation_steps = self.accumulation
@@ -71,6 +81,9 @@ class Trainer:
             lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
                 optimizer, num_warmup_steps=ocfg.warmup_steps, num_training_steps=tcfg.max_steps, min_lr=ocfg.min_lr
             )
+        # DeepSpeed and FSDP shard optimizer state (and ZeRO-3/FSDP the weights): every rank saves its part
+        self.sharded_state = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        self._configure_deepspeed()
         self.editor, self.optimizer, self.lr_scheduler = acc.prepare(editor, optimizer, lr_scheduler)
         self.step = 0
         self.samples_seen = 0
@@ -80,6 +93,9 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0
         self.ema = None
         if tcfg.get("ema_decay"):
+            if self._zero_stage() == 3:
+                raise ValueError("trainer.ema_decay: an EMA needs whole weights on each rank; ZeRO-3 partitions "
+                                 "them (use launcher=deepspeed_zero2 or set trainer.ema_decay=null)")
             self.ema = EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.get("ema_cpu") else None)
         self.flops_per_step: int | None = None
         self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
@@ -102,6 +118,37 @@ class Trainer:
         self._maybe_resume()
 
     # ------------------------------------------------------------------ state
+    def _zero_stage(self) -> int | None:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return plugin.deepspeed_config.get("zero_optimization", {}).get("stage") if plugin else None
+
+    def _configure_deepspeed(self) -> None:
+        """Our batch arithmetic and clipping, not the launcher file's, decide DeepSpeed's batch settings."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        tcfg = self.cfg.trainer
+        plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
+            "gradient_accumulation_steps": self.accumulation,
+            "train_batch_size": tcfg.global_batch_size,
+            "gradient_clipping": self.cfg.optim.grad_clip,
+        })
+        # ZeRO-3 must gather the partitioned weights for model.safetensors in each checkpoint
+        plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+    def _trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, whole, on the main process (called on every rank: ZeRO-3/FSDP gather)."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.editor)
+        if not self.sharded_state:
+            return ckpt.trainable_state(model)
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = acc.get_state_dict(self.editor)
+        if not acc.is_main_process:
+            return {}
+        return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names}
+
     def _maybe_resume(self) -> None:
         resume = self.cfg.trainer.get("resume")
         if not resume:
@@ -109,9 +156,15 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.checkpoint_root) if resume == "auto" else Path(resume)
         if path is None:
             return
-        ckpt.load_model_weights(self.accelerator.unwrap_model(self.editor), path)
-        self.optimizer.load_state_dict(ckpt.load_extra(path, "optimizer"))
-        self.lr_scheduler.load_state_dict(ckpt.load_extra(path, "scheduler"))
+        if self.sharded_state:  # weights, optimizer and schedule from every rank's shards
+            if not (path / "engine").is_dir():
+                raise FileNotFoundError(f"{path}: no engine/ state; it was written without DeepSpeed/FSDP, which "
+                                        "this run uses (resume it with the launcher it was trained with)")
+            self.accelerator.load_state(path / "engine")
+        else:
+            ckpt.load_model_weights(self.accelerator.unwrap_model(self.editor), path)
+            self.optimizer.load_state_dict(ckpt.load_extra(path, "optimizer"))
+            self.lr_scheduler.load_state_dict(ckpt.load_extra(path, "scheduler"))
         state = ckpt.load_train_state(path)
         rank = self.accelerator.process_index
         if self.cfg.trainer.get("resume_data", True):
@@ -129,21 +182,30 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path | None:
+        """All ranks take part: positions and RNG are gathered, DeepSpeed/FSDP shards written by each rank,
+        then the main process writes the rest and commits the directory by rename."""
         acc = self.accelerator
         data_states = gather_object([self.batches.state_dict()])  # every rank's data position
         rng_states = gather_object([ckpt.rng_state()])
+        tmp = ckpt.staging_dir(self.checkpoint_root, self.step)
+        if acc.is_main_process:
+            ckpt.stage(self.checkpoint_root, self.step)
         acc.wait_for_everyone()
+        extra = {"rng": rng_states}
+        if self.sharded_state:
+            acc.save_state(tmp / "engine")
+        else:
+            extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict())
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        weights = self._trainable_weights()
         path = None
         if acc.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.checkpoint_root, self.step, acc.unwrap_model(self.editor),
-                extra={"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                       "rng": rng_states, **({"ema": self.ema.state_dict()} if self.ema is not None else {})},
-                train_state={"step": self.step, "samples_seen": self.samples_seen, "data": data_states,
-                             "skipped_steps": self.skipped_steps, "flops_per_step": self.flops_per_step,
-                             "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)},
-                keep_last=self.cfg.trainer.keep_last,
-            )
+            ckpt.write(tmp, self.step, weights, extra, train_state={
+                "step": self.step, "samples_seen": self.samples_seen, "data": data_states,
+                "skipped_steps": self.skipped_steps, "flops_per_step": self.flops_per_step,
+                "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)})
+            path = ckpt.commit(tmp, self.step, self.cfg.trainer.keep_last)
         acc.wait_for_everyone()
         return path
 
@@ -152,16 +214,17 @@ class Trainer:
         """Rectified-flow loss of one micro-batch: (mean loss, per-sample losses, sigmas)."""
         obj = self.cfg.objective
         device = self.accelerator.device
+        batch = condition_dropout(batch, obj.drop_text, obj.drop_image, obj.drop_both)
         x0, source, states, mask = self.encoder(batch, device)
         target_tokens = x0.shape[2] * x0.shape[3] // 4
         mu = flow.resolution_mu(target_tokens) if obj.resolution_shift else None
-        sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu, device=device)
+        sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu,
+                                    device=device, mode_scale=obj.mode_scale)
         noise = torch.randn_like(x0)
-        noisy = flow.add_noise(x0, noise, sigmas)
         guidance = torch.full((x0.shape[0],), float(obj.guidance), device=device)
-        pred = self.editor(noisy, source, states, mask, sigmas, guidance)
-        losses = flow.per_sample_mse(pred, flow.velocity(x0, noise))
-        return losses.mean(), losses.detach(), sigmas
+        loss, losses = flow.training_loss(self.editor, x0, noise, sigmas, source, states, mask, guidance,
+                                          obj.loss_weighting)
+        return loss, losses, sigmas
 
     def _register_process(self) -> None:
         """Pid file per host and rank (the SLURM template signals exactly these); clear a PREEMPTED marker."""
@@ -192,6 +255,8 @@ class Trainer:
         row stop the run. This is the step's one host sync: the update must not happen on NaN."""
         acc, tcfg = self.accelerator, self.cfg.trainer
         grad_norm = acc.clip_grad_norm_(self.editor.parameters(), self.cfg.optim.grad_clip)
+        if not torch.is_tensor(grad_norm):  # DeepSpeed clipped and stepped in backward (skipping non-finite steps)
+            grad_norm = torch.tensor(float("nan") if grad_norm is None else grad_norm, device=acc.device)
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
         if bool(acc.reduce(finite.float(), "min")):
             self.optimizer.step()
@@ -344,8 +409,12 @@ class Trainer:
             result["step"] = self.step
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
             n = min(ecfg.grid_rows, len(edits))
-            sample_grid([s for s in samples if s.source is not None][:n], edits[:n]).save(
-                self.run_dir / f"samples-step{self.step:07d}.png")
+            grid = sample_grid([s for s in samples if s.source is not None][:n], edits[:n])
+            grid.save(self.run_dir / f"samples-step{self.step:07d}.png")
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({"samples": wandb.Image(grid, caption="source | target | edit")}, step=self.step)
             primary = result["primary"]
             # logged with the next training record (metrics.jsonl rows always carry step and loss)
             self.pending_metrics.update({f"eval/{k}": v for k, v in result["model"].items() if "/" not in k})

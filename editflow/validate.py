@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from editflow.flow import LOSS_WEIGHTING, SIGMA_SAMPLING
 from editflow.models.build import DTYPES
 
 
@@ -35,9 +36,16 @@ def validate(cfg: DictConfig) -> None:
     _require(o.get("name", "adamw") in ("adamw", "adamw8bit"), "optim.name",
              f"expected adamw or adamw8bit, got {o.get('name')!r}")
     obj = cfg.objective
-    _require(obj.sigma_sampling in ("logit_normal", "uniform"), "objective.sigma_sampling",
-             f"expected logit_normal or uniform, got {obj.sigma_sampling!r}")
+    _require(obj.sigma_sampling in SIGMA_SAMPLING, "objective.sigma_sampling",
+             f"expected one of {', '.join(SIGMA_SAMPLING)}, got {obj.sigma_sampling!r}")
     _require(obj.logit_std > 0, "objective.logit_std", f"must be positive, got {obj.logit_std}")
+    _require(obj.loss_weighting in LOSS_WEIGHTING, "objective.loss_weighting",
+             f"expected one of {', '.join(LOSS_WEIGHTING)}, got {obj.loss_weighting!r}")
+    drops = [obj.drop_text, obj.drop_image, obj.drop_both]
+    for key, p in zip(("drop_text", "drop_image", "drop_both"), drops):
+        _require(0 <= p <= 1, f"objective.{key}", f"must be a probability in [0, 1], got {p}")
+    _require(sum(drops) <= 1, "objective.drop_both",
+             f"objective.drop_text + drop_image + drop_both must not exceed 1, got {sum(drops)}")
     d = cfg.data
     _require(d.kind in ("toy", "shards"), "data.kind", f"expected toy or shards, got {d.kind!r}")
     _require(d.bucket_base % 16 == 0, "data.bucket_base", f"must be a multiple of 16, got {d.bucket_base}")

@@ -57,7 +57,8 @@ def test_indivisible_global_batch_names_the_key():
 @pytest.mark.parametrize("override,key", [
     ("optim.lr=-1", "optim.lr"), ("optim.min_lr=1", "optim.min_lr"), ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
     ("objective.sigma_sampling=beta", "objective.sigma_sampling"), ("data.bucket_base=1000", "data.bucket_base"),
-    ("+model.trainable=some", "model.trainable"),
+    ("+model.trainable=some", "model.trainable"), ("objective.loss_weighting=snr", "objective.loss_weighting"),
+    ("objective.drop_text=1.5", "objective.drop_text"), ("objective.drop_both=-0.1", "objective.drop_both"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -38,6 +39,38 @@ def test_sigma_sampling_ranges_and_shift_direction():
     assert shifted.median() > plain.median() + 0.1  # shift moves training towards noise
     uniform = flow.sample_sigmas(4000, "uniform", generator=g)
     assert abs(uniform.mean() - 0.5) < 0.02
+    # SD3's mode sampling with a positive scale puts more mass in the middle than uniform does
+    mode = flow.sample_sigmas(4000, "mode", mode_scale=1.29, generator=g)
+    middle = lambda s: ((s > 0.25) & (s < 0.75)).float().mean()
+    assert 0 < mode.min() and mode.max() < 1 and middle(mode) > middle(uniform) + 0.1
+    with pytest.raises(ValueError, match="unknown sigma sampling 'beta'"):
+        flow.sample_sigmas(4, "beta")
+
+
+def test_loss_weightings():
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(flow.loss_weights("none", sigmas), torch.ones(3))
+    torch.testing.assert_close(flow.loss_weights("sigma_sqrt", sigmas), sigmas ** -2)
+    cosmap = flow.loss_weights("cosmap", sigmas)
+    assert cosmap[1] == cosmap.max() and torch.isclose(cosmap[0], cosmap[2])  # peaks mid-trajectory, symmetric
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        flow.loss_weights("snr", sigmas)
+
+
+def test_condition_dropout_rates_and_what_qwen_sees():
+    from editflow.encoding import condition_dropout
+
+    n = 20000
+    batch = {"key": [f"k{i}" for i in range(n)], "instruction": ["make it red"] * n, "source_images": ["img"] * n}
+    torch.manual_seed(0)
+    dropped = condition_dropout(batch, 0.1, 0.05, 0.2)
+    kinds = [k.partition("#drop-")[2] for k in dropped["key"]]
+    for kind, p in (("text", 0.1), ("image", 0.05), ("both", 0.2), ("", 0.65)):
+        share = kinds.count(kind) / n
+        assert abs(share - p) < 4 * (p * (1 - p) / n) ** 0.5, (kind, share)  # within 4 standard errors
+    for kind, text, image in zip(kinds, dropped["instruction"], dropped["source_images"]):
+        assert (text == "") == (kind in ("text", "both")) and (image is None) == (kind in ("image", "both"))
+    assert batch["instruction"][0] == "make it red" and condition_dropout(batch, 0, 0, 0) is batch
 
 
 def test_sigma_bins_partition_the_batch():
