@@ -1,4 +1,4 @@
-"""The `editflow` command: train, data."""
+"""The `editflow` command: train, data, edit, eval, export, slurm, bench."""
 
 from __future__ import annotations
 
@@ -98,20 +98,28 @@ def _slurm(argv: list[str]) -> None:
     slurm.main(argv)
 
 
-COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval, "export": _export, "slurm": _slurm}
+def _bench(argv: list[str]) -> None:
+    from editflow import bench
+
+    bench.main(argv)
+
+
+COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval, "export": _export, "slurm": _slurm,
+            "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: editflow {train,data,edit,eval,export,slurm} ...\n"
+        print("usage: editflow {train,data,edit,eval,export,slurm,bench} ...\n"
               "  editflow train [hydra overrides]   train (no overrides: tiny model on toy edits, CPU)\n"
               "  editflow data toy --out DIR --num N --seed S\n"
               "  editflow data convert --format FORMAT INPUT... --out DIR\n"
               "  editflow data verify DIR\n"
               "  editflow edit --model RUN --image IN --instruction TEXT --out OUT [...]\n"
               "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]\n"
-              "  editflow export RUN_OR_CHECKPOINT --out DIR\n"
+              "  editflow export RUN_OR_CHECKPOINT --out DIR [--merge-lora]\n"
+              "  editflow bench train [--model M --resolution R --batch B --steps N] [--out FILE.json]\n"
               "  editflow slurm [--nodes N ...] [--dry-run] -- [hydra overrides]", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])

@@ -63,8 +63,9 @@ class FrozenEncoder:
         return [(target[j], None if source is None else source[j], states[j, mask[j]].float())
                 for j in range(len(indices))]
 
-    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(target latents, source latents or None for text-to-image, Qwen states, mask) on `device`."""
+    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, bool]:
+        """(target latents, source latents or None for text-to-image, Qwen states, mask) on `device`, and
+        whether any row is padded (known here on the CPU, so the step need not ask the GPU)."""
         keys = batch["key"]
         if self.cache is None:
             rows = self._encode(batch, list(range(len(keys))))
@@ -77,4 +78,5 @@ class FrozenEncoder:
         states, mask = pad_states([r[2] for r in rows])
         target = torch.stack([r[0] for r in rows])
         source = None if rows[0][1] is None else torch.stack([r[1] for r in rows]).to(device)
-        return target.to(device), source, states.to(device), mask.to(device)
+        padded = len({r[2].shape[0] for r in rows}) > 1
+        return target.to(device), source, states.to(device), mask.to(device), padded

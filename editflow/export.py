@@ -4,6 +4,8 @@
     DIR/transformer/          with Qwen2.5-VL through the connector and passes prompt_embeds directly)
     DIR/vae/  DIR/scheduler/
     DIR/connector/            connector weights (safetensors) + its sizes
+    DIR/pytorch_lora_weights.safetensors           a LoRA run: diffusers LoRA + adapter metadata
+    DIR/pytorch_lora_weights_comfyui.safetensors   the same under FLUX's original (kohya/ComfyUI) names
     DIR/editflow.json         the training config (conditioner: which Qwen, which layer, ...) and provenance
     DIR/README.md             model card
 
@@ -23,40 +25,77 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 EXPORT_FILE = "editflow.json"
+COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-original keys
 
 
-def export(source: str | Path, out: str | Path) -> Path:
-    from diffusers import FluxKontextPipeline
-
+def export(source: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
+    """Write the export of a run or checkpoint into `out` (built in `out.tmp`, then renamed)."""
     from editflow.pipeline import EditPipeline, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(source)
     pipe = EditPipeline.from_pretrained(checkpoint)
+    config = pipe.config
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    diffusers_pipe = pipe.to_diffusers()
-    diffusers_pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True)
+    transformer = pipe.editor.transformer
+    kind = "lora" if config.model.get("trainable") == "lora" else "full"
+    if kind == "lora" and merge_lora:
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        config.model.trainable = "full"  # the merged weights load as a plain transformer
+        kind = "full"
+    if kind == "lora":
+        _write_lora(transformer, tmp)
+        transformer.unload_lora()  # the base weights from here on
+    if kind == "full" or not config.model.transformer.get("pretrained"):
+        # FluxKontextPipeline layout; for a LoRA this is the base (only when it was not loaded from a path)
+        pipe.to_diffusers().save_pretrained(tmp, safe_serialization=True)
+    else:
+        pipe.codec.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        pipe.scheduler.save_pretrained(tmp / "scheduler")
     connector = pipe.editor.connector
     (tmp / "connector").mkdir()
     save_file({k: v.contiguous() for k, v in connector.state_dict().items()}, tmp / "connector" / "model.safetensors")
     (tmp / "connector" / "config.json").write_text(json.dumps(connector.sizes, indent=1))
-    config = pipe.config
     (tmp / EXPORT_FILE).write_text(json.dumps({
-        "format": "editflow-export", "version": 1, "kind": "full",
+        "format": "editflow-export", "version": 1, "kind": kind,
         "source_checkpoint": str(checkpoint.resolve()),
         "config": json.loads(json.dumps(dict(_to_container(config)))),
     }, indent=1))
     q = config.model.qwen
+    base = config.model.transformer.get("pretrained") or "THIS_DIR"
+    usage = (LORA_USAGE if kind == "lora" else FULL_USAGE).format(base=base)
     (tmp / "README.md").write_text(MODEL_CARD.format(
-        checkpoint=checkpoint, qwen=q.pretrained, layer=q.get("hidden_layer", -1),
+        checkpoint=checkpoint, qwen=q.pretrained, layer=q.get("hidden_layer", -1), kind=kind, usage=usage,
         guidance=config.eval.get("guidance", config.objective.guidance), base=config.data.get("bucket_base", 1024)))
-    assert isinstance(diffusers_pipe, FluxKontextPipeline)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _write_lora(transformer, directory: Path) -> None:
+    """diffusers' LoRA file (with adapter metadata, for load_lora_weights) and a ComfyUI/kohya-keyed copy."""
+    from diffusers import FluxKontextPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from editflow.lora_formats import diffusers_to_comfyui
+    from editflow.pipeline import LORA_FILE
+
+    layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    lora_config = transformer.peft_config["default"]
+    FluxKontextPipeline.save_lora_weights(directory, transformer_lora_layers=layers, weight_name=LORA_FILE,
+                                          transformer_lora_adapter_metadata=lora_config.to_dict())
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features if transformer.single_transformer_blocks \
+        else 4 * inner
+    comfy = diffusers_to_comfyui({f"transformer.{k}": v for k, v in layers.items()}, lora_config.lora_alpha, inner, mlp)
+    save_file(comfy, directory / COMFYUI_LORA_FILE, metadata={
+        "format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(lora_config.r),
+        "ss_base_model_version": "flux1", "editflow_note": "alpha/rank folded into lora_up; alpha = rank"})
 
 
 def _to_container(config):
@@ -70,7 +109,7 @@ library_name: diffusers
 pipeline_tag: image-to-image
 tags: [flux, kontext, image-editing, editflow]
 ---
-# editflow export
+# editflow export ({kind})
 
 An instruction-based image editor: a FLUX.1-Kontext transformer fine-tuned with editflow, conditioned
 on Qwen2.5-VL hidden states (the model sees the source image and the instruction) through a trained
@@ -84,11 +123,31 @@ connector instead of T5/CLIP.
 from editflow.pipeline import EditPipeline
 pipe = EditPipeline.from_pretrained("THIS_DIR")
 image = pipe(source, "make the sky purple", num_inference_steps=28)[0]
-# or in diffusers, with editflow's conditioning:
+prompt_embeds, pooled, _ = pipe.encode([source], ["make the sky purple"])  # editflow's conditioning
+```
+{usage}"""
+
+FULL_USAGE = """
+In diffusers (the text encoders stay empty: pass editflow's embeddings):
+
+```python
 from diffusers import FluxKontextPipeline
 kontext = FluxKontextPipeline.from_pretrained("THIS_DIR", text_encoder=None, tokenizer=None,
                                               text_encoder_2=None, tokenizer_2=None)
-prompt_embeds, pooled, _ = pipe.encode([source], ["make the sky purple"])
+image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled).images[0]
+```
+"""
+
+LORA_USAGE = """
+`pytorch_lora_weights.safetensors` is a diffusers LoRA (with adapter metadata) on `{base}`;
+`pytorch_lora_weights_comfyui.safetensors` holds the same adapter under the original FLUX module names
+(kohya-style keys, fused q/k/v) for ComfyUI and other tools.
+
+```python
+from diffusers import FluxKontextPipeline
+kontext = FluxKontextPipeline.from_pretrained("{base}", text_encoder=None, tokenizer=None,
+                                              text_encoder_2=None, tokenizer_2=None)
+kontext.load_lora_weights("THIS_DIR")
 image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled).images[0]
 ```
 """
@@ -99,9 +158,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run directory (newest checkpoint) or a checkpoint directory")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA run: fold the adapter into the weights and export a full transformer")
     args = parser.parse_args(argv)
     try:
-        out = export(args.source, args.out)
+        out = export(args.source, args.out, merge_lora=args.merge_lora)
     except FileNotFoundError as err:
         print(f"editflow export: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -56,9 +56,10 @@ def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas.float())
 
 
-def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none"):
+def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none",
+                  padded: bool | None = None):
     """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch."""
-    pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance)
+    pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance, padded)
     losses = per_sample_mse(pred, velocity(x0, noise))
     return (losses * loss_weights(weighting, sigmas)).mean(), losses.detach()
 

@@ -41,6 +41,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(DIR) looks for
+
 class EditPipeline:
     """`pipe(image, instruction, ...)` -> edited images, like diffusers' FluxKontextPipeline."""
 
@@ -66,16 +68,23 @@ class EditPipeline:
         path = Path(path)
         export_file = path / "editflow.json"
         if export_file.exists():
-            config = OmegaConf.create(json.loads(export_file.read_text())["config"])
-            # The export's own transformer and VAE replace whatever the training config pointed at.
-            config.model.transformer = {"pretrained": str(path), "subfolder": "transformer"}
+            export = json.loads(export_file.read_text())
+            config = OmegaConf.create(export["config"])
+            # The export's own transformer and VAE replace whatever the training config pointed at; a LoRA
+            # export without transformer/ sits on the base model its config names (e.g. the hub's Kontext).
+            if (path / "transformer").is_dir():
+                config.model.transformer = {"pretrained": str(path), "subfolder": "transformer"}
             config.model.vae = {"pretrained": str(path), "subfolder": "vae"}
-            models = build_models(config.model, seed=0)
+            models = build_models(config.model, seed=config.trainer.seed, lora_adapter=False)
+            if export.get("kind") == "lora":
+                models.editor.transformer.load_lora_adapter(str(path), weight_name=LORA_FILE, prefix="transformer",
+                                                            adapter_name="default")
             models.editor.connector.load_state_dict(load_file(path / "connector" / "model.safetensors"))
         else:
             checkpoint = resolve_checkpoint(path)
             config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
-            models = build_models(config.model, seed=0)
+            # the training seed: a LoRA checkpoint holds only adapters, its base is rebuilt the same way
+            models = build_models(config.model, seed=config.trainer.seed)
             ckpt.load_model_weights(models.editor, checkpoint)
         pipe = cls.from_models(models.to(device))
         pipe.editor.eval()

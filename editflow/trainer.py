@@ -24,7 +24,7 @@ from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder, condition_dropout
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
-from editflow.models.build import build_models
+from editflow.models.build import build_models, check_attention_backend, keep_trainable_in_fp32
 from editflow.pipeline import EditPipeline
 from editflow.validate import check_world_size
 
@@ -44,14 +44,17 @@ def build_optimizer(params, ocfg: DictConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def _process_group_kwargs() -> list:
-    """DeepSpeed without CUDA (CPU tests): accelerate only counts the processes when it is told the backend."""
+def _deepspeed_on_cpu() -> bool:
     import os
 
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+
+
+def _process_group_kwargs() -> list:
+    """DeepSpeed without CUDA (CPU tests): accelerate only counts the processes when it is told the backend."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
-    return [InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else []
+    return [InitProcessGroupKwargs(backend="gloo")] if _deepspeed_on_cpu() else []
 
 
 class Trainer:
@@ -59,19 +62,26 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tcfg = cfg.trainer
-        use_cpu = tcfg.device == "cpu"  # auto: accelerate falls back to the CPU itself (and keeps DeepSpeed usable)
+        # accelerate's cpu=True turns DeepSpeed off, so DeepSpeed without CUDA (CPU tests) leaves it False
+        use_cpu = tcfg.device == "cpu" or (not torch.cuda.is_available() and not _deepspeed_on_cpu())
         # The schedule counts optimizer steps: accelerate must not step it once per process.
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=tcfg.mixed_precision,
                                        step_scheduler_with_optimizer=False, kwargs_handlers=_process_group_kwargs())
         acc = self.accelerator
         self.accumulation = check_world_size(cfg, acc.num_processes)  # before any model loads
         acc.gradient_accumulation_steps = self.accumulation
+        log.info("%s on %s: %d process(es) x micro-batch %d x accumulation %d = global batch %d",
+                 acc.distributed_type.value, acc.device, acc.num_processes, tcfg.micro_batch_size, self.accumulation,
+                 tcfg.global_batch_size)
         set_seed(tcfg.seed, device_specific=True)  # per-rank noise and sigmas
 
         models = build_models(cfg.model, seed=tcfg.seed, training=True).to(acc.device)
+        check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
         editor = models.editor
+        if acc.distributed_type != DistributedType.DEEPSPEED:
+            keep_trainable_in_fp32(editor, cfg.model)
         params = [p for p in editor.parameters() if p.requires_grad]
         ocfg = cfg.optim
         optimizer = build_optimizer(params, ocfg)
@@ -215,7 +225,7 @@ class Trainer:
         obj = self.cfg.objective
         device = self.accelerator.device
         batch = condition_dropout(batch, obj.drop_text, obj.drop_image, obj.drop_both)
-        x0, source, states, mask = self.encoder(batch, device)
+        x0, source, states, mask, padded = self.encoder(batch, device)
         target_tokens = x0.shape[2] * x0.shape[3] // 4
         mu = flow.resolution_mu(target_tokens) if obj.resolution_shift else None
         sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu,
@@ -223,7 +233,7 @@ class Trainer:
         noise = torch.randn_like(x0)
         guidance = torch.full((x0.shape[0],), float(obj.guidance), device=device)
         loss, losses = flow.training_loss(self.editor, x0, noise, sigmas, source, states, mask, guidance,
-                                          obj.loss_weighting)
+                                          obj.loss_weighting, padded)
         return loss, losses, sigmas
 
     def _register_process(self) -> None:

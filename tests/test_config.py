@@ -102,3 +102,10 @@ def test_slurm_dry_run_renders_a_requeueing_sbatch(tmp_path):
     assert single.returncode == 0 and "#SBATCH --nodes=1" in single.stdout and "trainer.max_steps=10" in single.stdout
     (tmp_path / "single.sbatch").write_text(single.stdout)
     assert subprocess.run(["bash", "-n", str(tmp_path / "single.sbatch")]).returncode == 0
+
+
+def test_readme_runs_the_pinned_cuda_image():
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    dockerfile = (CONFIG_DIR.parent / "docker" / "Dockerfile").read_text()
+    assert "docker build -f docker/Dockerfile" in readme and "docker run --gpus all" in readme
+    assert "FROM nvidia/cuda:" in dockerfile and "torch==" in dockerfile and "flash-attn==" in dockerfile

@@ -101,3 +101,107 @@ def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
 def test_bad_size_is_refused(tiny_models):
     with pytest.raises(ValueError, match="multiples of 16"):
         EditPipeline.from_models(tiny_models)(make_edit(0).source, "x", height=40, width=64)
+
+
+def _padding_gap(editor) -> float:
+    torch.manual_seed(0)
+    short, long = torch.randn(5, 64), torch.randn(9, 64)
+    states, mask = pad_states([short, long])
+    noisy, source = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    sigma, guidance = torch.tensor([0.3, 0.7]), torch.ones(2)
+    with torch.no_grad():
+        batched = editor(noisy, source, states, mask, sigma, guidance)
+        alone = editor(noisy[:1], source[:1], short[None], torch.ones(1, 5, dtype=torch.bool), sigma[:1], guidance[:1])
+    return (batched[:1] - alone).abs().max().item()
+
+
+def test_token_refiner_keeps_padding_invisible(tiny_model_cfg):
+    from omegaconf import OmegaConf
+
+    from editflow.models.build import build_models
+
+    cfg = OmegaConf.merge(tiny_model_cfg, {"connector": {"refiner_layers": 2, "refiner_heads": 4}})
+    models = build_models(cfg, seed=0)
+    assert len(models.editor.connector.refiner) == 2
+    assert _padding_gap(models.editor.eval()) < 1e-5
+
+
+def test_real_configs_have_the_published_parameter_counts():
+    """FLUX.1-Kontext-dev's transformer and Qwen2.5-VL-7B-Instruct, instantiated on the meta device."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from editflow.models.build import asset_path
+    from editflow.models.connector import Connector
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel.from_config(json.load(open(asset_path("configs/flux1-kontext-dev-transformer.json"))))
+        qwen = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(**json.load(open(asset_path("configs/qwen2.5-vl-7b-instruct.json")))))
+        connector = Connector(qwen.config.text_config.hidden_size, flux.config.joint_attention_dim,
+                              flux.config.pooled_projection_dim, hidden_dim=4096)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert abs(count(flux) / 1e9 - 11.9) < 0.05 and abs(count(qwen) / 1e9 - 8.29) < 0.05
+    assert connector.mlp[0].weight.shape == (4096, 3584) and connector.mlp[2].weight.shape == (4096, 4096)
+
+
+def test_loading_errors_name_the_component_and_path(tmp_path):
+    from omegaconf import OmegaConf
+
+    from editflow.models.build import build_codec, build_transformer
+
+    with pytest.raises(FileNotFoundError, match=r"FLUX transformer from local directory .*empty.* subfolder 'transformer'"):
+        (tmp_path / "empty").mkdir()
+        build_transformer(OmegaConf.create({"pretrained": str(tmp_path / "empty"), "subfolder": "transformer"}),
+                          torch.float32)
+    with pytest.raises(FileNotFoundError, match=r"VAE from hub id .*offline machines need a local directory"):
+        build_codec(OmegaConf.create({"pretrained": "black-forest-labs/FLUX.1-Kontext-dev", "subfolder": "vae"}),
+                    torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_flash", "_native_cudnn", "_native_efficient", "flash",
+                                     "_flash_3", "flash_varlen", "sage", "no_such_kernel"])
+def test_every_attention_backend_trains_or_is_refused_by_name(tiny_model_cfg, backend):
+    """On this machine each backend either runs a padded and an unpadded training step, or is refused
+    with a message naming model.attention_backend (missing package, no backward, wrong device)."""
+    from omegaconf import OmegaConf
+
+    from editflow.models.build import build_models, check_attention_backend
+
+    cfg = OmegaConf.merge(tiny_model_cfg, {"attention_backend": backend})
+    try:
+        models = build_models(cfg, seed=0, training=True)
+        check_attention_backend(models.editor, "cpu", torch.float32)
+    except (ValueError, ImportError, RuntimeError) as err:
+        assert f"model.attention_backend={backend!r}" in str(err)
+        return
+    assert backend in ("native", "_native_flash", "_native_cudnn", "_native_efficient") or \
+        __import__("importlib").util.find_spec("flash_attn")
+    editor = models.editor.train()
+    for lengths in ((6, 6), (4, 7)):  # unpadded, then padded (the masked kernel)
+        states, mask = pad_states([torch.randn(n, 64) for n in lengths])
+        out = editor(torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), states, mask, torch.rand(2), torch.ones(2))
+        out.square().mean().backward()
+    assert editor.transformer.transformer_blocks[0].attn.to_q.weight.grad is not None
+    if backend == "native":
+        assert _padding_gap(editor.eval()) < 1e-5
+
+
+def test_lora_on_a_bf16_base_trains_fp32_adapters_and_connector(tiny_model_cfg):
+    from omegaconf import OmegaConf
+
+    from editflow.models.build import build_models, keep_trainable_in_fp32
+
+    cfg = OmegaConf.merge(tiny_model_cfg, {"dtype": "bfloat16", "trainable": "lora"})
+    editor = build_models(cfg, seed=0, training=True).editor
+    keep_trainable_in_fp32(editor, cfg)
+    trainable = {n: p for n, p in editor.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all("lora_" in n for n in trainable if n.startswith("transformer."))
+    assert editor.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.bfloat16
+    states, mask = pad_states([torch.randn(4, 64), torch.randn(6, 64)])
+    out = editor(torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), states, mask, torch.rand(2), torch.ones(2))
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())

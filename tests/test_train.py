@@ -145,7 +145,7 @@ def test_logging_throughput_mfu_ema_and_offline_wandb(quick_run):
               "trainer.ema_cpu=true", "trainer.peak_tflops=0.5")
     record = read_metrics(run)[-1]
     assert record["tflops_per_s"] > 0 and record["mfu"] == pytest.approx(record["tflops_per_s"] / 0.5)
-    assert record["samples_per_s"] > 0 and "loss/sigma_0.00-0.25" in json.dumps(read_metrics(run))
+    assert record["samples_per_s"] > 0 and any(k.startswith("loss/sigma_") for k in record)
     checkpoint = run / "checkpoints" / "step-0000004"
     ema = torch.load(checkpoint / "ema.pt")
     weights = load_file(checkpoint / "model.safetensors")

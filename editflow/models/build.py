@@ -103,6 +103,8 @@ def build_connector(cfg: DictConfig, qwen_dim: int, transformer: FluxTransformer
         joint_dim=transformer.config.joint_attention_dim,
         pooled_dim=transformer.config.pooled_projection_dim,
         hidden_dim=cfg.get("hidden_dim"),
+        refiner_layers=cfg.get("refiner_layers", 0),
+        refiner_heads=cfg.get("refiner_heads", 8),
     )
 
 
@@ -132,9 +134,14 @@ KONTEXT_LORA_TARGETS = [
 ]
 # What the public GPT-IMAGE-EDIT reference trains: attention projections and norms of the image branch.
 REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.norm_q", "attn.norm_k")
-# Attention backends that have a backward pass (diffusers' dispatcher names).
+# Attention backends that have a backward pass (diffusers' dispatcher names) -> the package they need.
 TRAINABLE_BACKENDS = {"native": None, "flash": "flash_attn", "_flash_3": "flash_attn_interface",
+                      "flash_varlen": "flash_attn", "_flash_3_varlen": "flash_attn_interface",
                       "_native_flash": None, "_native_cudnn": None, "_native_efficient": None}
+# FlashAttention kernels take no mask; batches whose instructions are padded run these masked kernels
+# instead, so padding stays hidden (varlen: padding removed; mem-efficient SDPA: boolean mask).
+MASKED_ALTERNATIVE = {"flash": "flash_varlen", "_flash_3": "_flash_3_varlen", "_native_flash": "_native_efficient",
+                      "_native_cudnn": "_native_efficient"}
 
 
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
@@ -159,35 +166,82 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
         raise ValueError(f"model.trainable: unknown mode {mode!r}")
 
 
-def set_attention_backend(transformer: FluxTransformer2DModel, backend: str | None, training: bool = True) -> None:
-    """Select diffusers' attention kernel; refuse backends that are missing or cannot train."""
-    if not backend or backend == "native":
-        return
+def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
+    """LoRA adapters, a partial selection and the connector train in fp32 (so does their AdamW state) on a
+    bf16 base, as diffusers' training scripts do. Not under DeepSpeed, which keeps fp32 master weights of
+    its own; a full fine-tune stays in model.dtype (use model.dtype=float32 + mixed precision for FSDP2)."""
+    from diffusers.training_utils import cast_training_params
+
+    editor.connector.float()
+    if cfg.get("trainable", "full") != "full":
+        cast_training_params(editor.transformer, dtype=torch.float32)
+
+
+def attention_backends(backend: str | None, training: bool = True) -> tuple[str, str]:
+    """(kernel for unpadded batches, kernel for padded ones) for model.attention_backend; refuses backends
+    that diffusers cannot train through or whose package is missing, with the reason."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    backend = backend or "native"
+    if backend not in {b.value for b in AttentionBackendName}:
+        raise ValueError(f"model.attention_backend={backend!r} is not a diffusers attention backend; use one of "
+                         f"{sorted(TRAINABLE_BACKENDS)}")
     if training and backend not in TRAINABLE_BACKENDS:
         raise ValueError(f"model.attention_backend={backend!r} has no backward pass in diffusers; use one of "
                          f"{sorted(TRAINABLE_BACKENDS)}")
-    package = TRAINABLE_BACKENDS.get(backend)
-    if package:
-        import importlib.util
+    pair = (backend, MASKED_ALTERNATIVE.get(backend, backend))
+    for name in pair:
+        package = TRAINABLE_BACKENDS.get(name)
+        if package:
+            import importlib.util
 
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(f"model.attention_backend={backend!r} needs the {package} package (pip install "
-                              f"'editflow[gpu]'); '_native_flash' uses PyTorch's built-in FlashAttention instead")
-    transformer.set_attention_backend(backend)
+            if importlib.util.find_spec(package) is None:
+                raise ImportError(f"model.attention_backend={backend!r} needs the {package} package (pip install "
+                                  f"'editflow[gpu]'); '_native_flash' uses PyTorch's built-in FlashAttention instead")
+    return pair
 
 
-def build_models(cfg: DictConfig, seed: int = 0, training: bool = False) -> Models:
-    """All components of `cfg` (a `model/` config node), on the CPU; the caller moves them."""
+def check_attention_backend(editor: KontextEditor, device, dtype: torch.dtype) -> None:
+    """Run both kernels of the editor's backend once, forward and backward, on `device` in `dtype`: a
+    backend that cannot run there fails now, by name, instead of inside the first training step."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    for name, masked in zip(editor.attention_backend, (False, True)):
+        q = torch.randn(2, 16, 2, 64, device=device, dtype=dtype, requires_grad=True)
+        mask = torch.ones(2, 1, 1, 16, dtype=torch.bool, device=device) if masked else None
+        if mask is not None:
+            mask[1, ..., 12:] = False
+        try:
+            dispatch_attention_fn(q, q, q, attn_mask=mask, backend=AttentionBackendName(name)).float().sum().backward()
+        except Exception as err:  # noqa: BLE001 - any kernel failure becomes a config error
+            raise RuntimeError(f"model.attention_backend={editor.attention_backend[0]!r}: the {name!r} kernel "
+                               f"{'(used for padded batches) ' if masked else ''}does not run on {device} with "
+                               f"{dtype}: {err}") from err
+
+
+def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_adapter: bool = True) -> Models:
+    """All components of `cfg` (a `model/` config node), on the CPU; the caller moves them.
+
+    With model.trainable=lora the adapter is part of the structure (a LoRA checkpoint loads into it),
+    unless `lora_adapter=False` (an exported LoRA file is then loaded by diffusers' own loader)."""
     weights_dtype = torch_dtype(cfg.get("dtype", "float32"))
     frozen_dtype = torch_dtype(cfg.get("frozen_dtype", cfg.get("dtype", "float32")))
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
     transformer = build_transformer(cfg.transformer, weights_dtype)
-    set_attention_backend(transformer, cfg.get("attention_backend"), training)
-    if training:
-        select_trainable(transformer, cfg)
-        if cfg.get("gradient_checkpointing"):
-            transformer.enable_gradient_checkpointing()
+    backends = configure_transformer(transformer, cfg, training, lora_adapter)
     conditioner = build_conditioner(cfg.qwen, frozen_dtype)
     connector = build_connector(cfg.connector, conditioner.hidden_size, transformer).to(weights_dtype)
     codec = build_codec(cfg.vae, frozen_dtype)
-    return Models(KontextEditor(transformer, connector), conditioner, codec, build_scheduler())
+    editor = KontextEditor(transformer, connector, attention_backend=backends)
+    return Models(editor, conditioner, codec, build_scheduler())
+
+
+def configure_transformer(transformer: FluxTransformer2DModel, cfg: DictConfig, training: bool,
+                          lora_adapter: bool = True) -> tuple[str, str]:
+    """What trains (adapters too), gradient checkpointing, and the attention kernels to use."""
+    backends = attention_backends(cfg.get("attention_backend"), training)
+    if training or (lora_adapter and cfg.get("trainable") == "lora"):
+        select_trainable(transformer, cfg)
+    if training and cfg.get("gradient_checkpointing"):
+        transformer.enable_gradient_checkpointing()
+    return backends

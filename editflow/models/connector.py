@@ -21,15 +21,27 @@ class Connector(nn.Module):
     actual instruction and image (not a CLIP embedding of an empty prompt).
     """
 
-    def __init__(self, qwen_dim: int, joint_dim: int, pooled_dim: int, hidden_dim: int | None = None):
+    def __init__(self, qwen_dim: int, joint_dim: int, pooled_dim: int, hidden_dim: int | None = None,
+                 refiner_layers: int = 0, refiner_heads: int = 8):
         super().__init__()
         hidden_dim = hidden_dim or joint_dim
-        self.sizes = {"qwen_dim": qwen_dim, "joint_dim": joint_dim, "pooled_dim": pooled_dim, "hidden_dim": hidden_dim}
+        self.sizes = {"qwen_dim": qwen_dim, "joint_dim": joint_dim, "pooled_dim": pooled_dim, "hidden_dim": hidden_dim,
+                      "refiner_layers": refiner_layers, "refiner_heads": refiner_heads}
         self.norm = nn.LayerNorm(qwen_dim)  # last-layer LLM states have large, uneven scales
         self.mlp = nn.Sequential(nn.Linear(qwen_dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, joint_dim))
         self.pooled = nn.Sequential(nn.Linear(qwen_dim, pooled_dim), nn.SiLU(), nn.Linear(pooled_dim, pooled_dim))
+        # Optional token refiner: a few pre-norm transformer layers over the connector's output tokens
+        # (absent by default, so the MLP's weights keep the public reference's layout).
+        self.refiner = nn.ModuleList(
+            nn.TransformerEncoderLayer(joint_dim, refiner_heads, dim_feedforward=2 * joint_dim, dropout=0.0,
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(refiner_layers)
+        ) if refiner_layers else None
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         states = self.norm(states)
-        tokens = self.mlp(states) * mask.to(states.dtype).unsqueeze(-1)  # padding carries exact zeros
-        return tokens, self.pooled(masked_mean(states, mask))
+        keep = mask.to(states.dtype).unsqueeze(-1)
+        tokens = self.mlp(states)
+        for layer in self.refiner or ():
+            tokens = layer(tokens, src_key_padding_mask=~mask)  # real tokens never attend to padding
+        return tokens * keep, self.pooled(masked_mean(states, mask))  # padding carries exact zeros

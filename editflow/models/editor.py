@@ -16,23 +16,30 @@ from editflow.models.connector import Connector
 from editflow.models.packing import image_ids, pack, text_ids, unpack
 
 
-def attention_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.Tensor | None:
+def attention_mask(text_mask: torch.Tensor, image_tokens: int, padded: bool | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, 1, L + N) key mask for FLUX's joint attention, or None when nothing is padded.
 
     Padded text tokens are hidden from every query, so a sample's output does
-    not depend on how long the other instructions in its batch are.
+    not depend on how long the other instructions in its batch are. `padded`, when the caller knows it
+    (the trainer does, from the CPU-side lengths), saves reading the mask back from the GPU every step.
     """
-    if bool(text_mask.all()):
+    if padded is None:
+        padded = not bool(text_mask.all())
+    if not padded:
         return None  # no padding: keep the unmasked (fastest) attention kernels
     image = torch.ones(text_mask.shape[0], image_tokens, dtype=torch.bool, device=text_mask.device)
     return torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
 
 
 class KontextEditor(nn.Module):
-    def __init__(self, transformer: FluxTransformer2DModel, connector: Connector):
+    def __init__(self, transformer: FluxTransformer2DModel, connector: Connector,
+                 attention_backend: tuple[str, str] = ("native", "native")):
         super().__init__()
         self.transformer = transformer
         self.connector = connector
+        # diffusers attention kernels for (unpadded, padded) batches; see build.attention_backends
+        self.attention_backend = attention_backend
+        self._active_backend = "native" if attention_backend == ("native", "native") else None
 
     @property
     def guidance_embeds(self) -> bool:
@@ -50,10 +57,11 @@ class KontextEditor(nn.Module):
         mask: torch.Tensor,
         sigma: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        padded: bool | None = None,
     ) -> torch.Tensor:
         """Training entry point (what DDP/DeepSpeed wrap): Qwen states -> connector -> transformer."""
         prompt_embeds, pooled = self.condition(states, mask)
-        return self.denoise(noisy, sources, prompt_embeds, pooled, mask, sigma, guidance)
+        return self.denoise(noisy, sources, prompt_embeds, pooled, mask, sigma, guidance, padded)
 
     def denoise(
         self,
@@ -64,6 +72,7 @@ class KontextEditor(nn.Module):
         text_mask: torch.Tensor,
         sigma: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        padded: bool | None = None,
     ) -> torch.Tensor:
         """Velocity for the noisy target latents (B, C, h, w), given FLUX-space conditioning.
 
@@ -85,16 +94,28 @@ class KontextEditor(nn.Module):
         target_len = tokens[0].shape[1]
         if self.guidance_embeds and guidance is None:
             raise ValueError("this transformer has guidance_embeds=True: pass a guidance value")
-        mask = attention_mask(text_mask, hidden.shape[1])
-        out = self.transformer(
+        mask = attention_mask(text_mask, hidden.shape[1], padded)
+        self._use_attention_backend(self.attention_backend[mask is not None])
+        out = self._transformer(hidden, prompt_embeds, pooled, sigma, guidance, ids, noisy.device, mask)
+        return unpack(out[:, :target_len], h, w)
+
+    def _use_attention_backend(self, name: str) -> None:
+        # Set on the attention modules, not in a context: it must persist until the backward pass, where
+        # gradient checkpointing recomputes the blocks with the same kernel.
+        if name != self._active_backend:
+            self.transformer.set_attention_backend(name)
+            self._active_backend = name
+
+    def _transformer(self, hidden, prompt_embeds, pooled, sigma, guidance, ids, device, mask) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        return self.transformer(
             hidden_states=hidden,
             encoder_hidden_states=prompt_embeds.to(dtype),
             pooled_projections=pooled.to(dtype),
             timestep=sigma.to(dtype),
             guidance=guidance.to(dtype) if self.guidance_embeds else None,
             img_ids=torch.cat(ids, dim=0),
-            txt_ids=text_ids(prompt_embeds.shape[1], noisy.device),
+            txt_ids=text_ids(prompt_embeds.shape[1], device),
             joint_attention_kwargs={"attention_mask": mask} if mask is not None else None,
             return_dict=False,
         )[0]
-        return unpack(out[:, :target_len], h, w)

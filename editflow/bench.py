@@ -1,0 +1,296 @@
+"""`editflow bench train`: time editflow's training step against the diffusers-example way of stepping
+the same model, on synthetic Kontext inputs, and report samples/s, tokens/s, MFU and peak memory.
+
+    editflow bench train                                    # tiny config on the CPU (CI smoke test)
+    editflow bench train --model kontext_real_width --resolution 1024 --batch 1 --steps 20
+    editflow bench train experiment=lora_24gb --full-depth --resolution 1024 --memory-cap-gb 24 --only editflow
+
+Both variants build the same architecture with the same random weights (the speed of a step does not
+depend on the weights, so nothing is downloaded) and step it on the same inputs:
+
+- editflow: the configured attention kernel, torch.compile of every FLUX block (on CUDA), fused AdamW
+  (or the configured 8-bit AdamW), no host sync inside the step;
+- reference: what diffusers' Kontext training example does: default attention, eager, unfused
+  AdamW, and `loss.item()` every step.
+
+Encoders are not timed (editflow pre-encodes or caches them); MFU counts the FLOPs of the actual step
+with torch.utils.flop_counter against the device's measured dense matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from editflow import flow
+from editflow.models.build import (ASSETS, build_connector, configure_transformer, keep_trainable_in_fp32,
+                                   torch_dtype)
+from editflow.models.editor import KontextEditor
+from editflow.throughput import PEAK_BF16_TFLOPS
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul throughput of this device in `dtype` (TFLOP/s): the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    iters = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _qwen_dim(qwen_path: str) -> int:
+    """Hidden size of the conditioner from its config (local dir), else Qwen2.5-VL-7B's."""
+    config = Path(qwen_path or "") / "config.json"
+    if not config.exists():
+        config = ASSETS / "configs" / "qwen2.5-vl-7b-instruct.json"
+    data = json.loads(config.read_text())
+    return data.get("text_config", data).get("hidden_size", data.get("hidden_size"))
+
+
+def transformer_config(model_cfg, layers: int | None, single_layers: int | None) -> dict:
+    """The architecture only: the config's own, or the published FLUX.1-Kontext-dev one for a hub model."""
+    from omegaconf import OmegaConf
+
+    if model_cfg.transformer.get("config"):
+        config = OmegaConf.to_container(model_cfg.transformer.config, resolve=True)
+    else:
+        config = json.loads((ASSETS / "configs" / "flux1-kontext-dev-transformer.json").read_text())
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", (16, 56, 56)))
+    if layers is not None:
+        config["num_layers"] = layers
+    if single_layers is not None:
+        config["num_single_layers"] = single_layers
+    return config
+
+
+def build_editor(cfg, arch: dict, device: torch.device, reference: bool) -> KontextEditor:
+    from diffusers import FluxTransformer2DModel
+    from omegaconf import OmegaConf
+
+    mcfg = OmegaConf.merge(cfg.model, {"attention_backend": "native"} if reference else {})
+    dtype = torch_dtype(mcfg.get("dtype", "float32"))
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise in place: a 12B model is not built on the CPU first
+        transformer = FluxTransformer2DModel(**arch).to(dtype)
+    backends = configure_transformer(transformer, mcfg, training=True)
+    connector = build_connector(mcfg.connector, _qwen_dim(mcfg.qwen.get("pretrained")), transformer)
+    editor = KontextEditor(transformer, connector.to(device, dtype), attention_backend=backends)
+    keep_trainable_in_fp32(editor, mcfg)
+    return editor.train()
+
+
+def synthetic_batch(editor: KontextEditor, batch: int, resolution: int, text_tokens: int, device) -> tuple:
+    """Inputs of one micro-batch at `resolution`^2: latents (packed 2x2 -> (res/16)^2 tokens each for the
+    target and the source), Qwen states of `text_tokens`, sigmas and the guidance value."""
+    side = resolution // 8
+    channels = editor.transformer.config.in_channels // 4
+    g = torch.Generator(device="cpu").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    x0, source, noise = make(batch, channels, side, side), make(batch, channels, side, side), make(batch, channels, side, side)
+    states = make(batch, text_tokens, editor.connector.sizes["qwen_dim"])
+    mask = torch.ones(batch, text_tokens, dtype=torch.bool, device=device)
+    sigmas = torch.rand(batch, generator=g).to(device)
+    return x0, noise, sigmas, source, states, mask, torch.ones(batch, device=device)
+
+
+def build_optimizer(editor: KontextEditor, cfg, reference: bool) -> torch.optim.Optimizer:
+    from editflow.trainer import build_optimizer as trainer_optimizer
+
+    params = [p for p in editor.parameters() if p.requires_grad]
+    if reference:  # torch's default AdamW (foreach, unfused), as in diffusers' example
+        return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 weight_decay=cfg.optim.weight_decay)
+    return trainer_optimizer(params, cfg.optim)
+
+
+def time_variant(cfg, arch: dict, args, device: torch.device, reference: bool, peak: float) -> dict:
+    editor = build_editor(cfg, arch, device, reference)
+    if not reference and args.compile:
+        for block in [*editor.transformer.transformer_blocks, *editor.transformer.single_transformer_blocks]:
+            block.compile()  # regional compilation: every block has the same shape, compiled once
+    optimizer = build_optimizer(editor, cfg, reference)
+    inputs = synthetic_batch(editor, args.batch, args.resolution, args.text_tokens, device)
+
+    def step() -> torch.Tensor:
+        loss, _ = flow.training_loss(editor, *inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if reference:
+            loss.item()  # the example logs the loss every step: one host sync per step
+        return loss
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for _ in range(args.warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    tokens = args.batch * (2 * (args.resolution // 16) ** 2 + args.text_tokens)
+    result = {
+        "samples_per_s": args.batch * args.steps / elapsed,
+        "tokens_per_s": tokens * args.steps / elapsed,
+        "step_s": elapsed / args.steps,
+        "tflops_per_s": flops * args.steps / elapsed / 1e12,
+        "mfu": flops * args.steps / elapsed / 1e12 / peak,
+        "peak_mem_gb": _peak_memory_gb(device),
+        "flops_per_step": flops,
+        "final_loss": float(loss),
+        "trainable_params": sum(p.numel() for p in editor.parameters() if p.requires_grad),
+        "attention": "native" if reference else editor.attention_backend[0],
+        "compiled": bool(not reference and args.compile),
+        "optimizer": type(optimizer).__name__ + ("" if reference else f"(fused={_fused(optimizer)})"),
+    }
+    del editor, optimizer, inputs
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _fused(optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # process peak RSS (KiB -> GB) on Linux
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from editflow.config import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = ([f"model={args.model}"] if args.model else []) + overrides
+    cfg = compose(overrides)
+    if device.type == "cpu":  # the CPU has no bf16 tensor cores worth timing: fp32, plain attention
+        cfg.model.dtype = "float32"
+        cfg.model.attention_backend = "native"
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.memory_cap_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 1e9
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb / total), device)
+    arch = transformer_config(cfg.model, None if args.full_depth else args.layers,
+                              None if args.full_depth else args.single_layers)
+    dtype = torch_dtype(cfg.model.get("dtype", "float32"))
+    peak = measure_peak_tflops(device, dtype if device.type == "cuda" else torch.float32)
+    result = {"device": device_name(device), "date": datetime.date.today().isoformat(),
+              "command": "editflow bench train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "train"] else []),
+              "peak_tflops": peak, "peak_tflops_spec": _spec_peak(device),
+              "setup": {"model": cfg.model.name, "resolution": args.resolution, "batch": args.batch,
+                        "text_tokens": args.text_tokens, "steps": args.steps, "warmup": args.warmup,
+                        "layers": arch["num_layers"], "single_layers": arch["num_single_layers"],
+                        "hidden": arch["num_attention_heads"] * arch["attention_head_dim"],
+                        "dtype": str(dtype).replace("torch.", ""), "trainable": cfg.model.get("trainable", "full"),
+                        "gradient_checkpointing": bool(cfg.model.get("gradient_checkpointing")),
+                        "optimizer": cfg.optim.get("name", "adamw"), "memory_cap_gb": args.memory_cap_gb,
+                        "torch": torch.__version__, "overrides": overrides}}
+    for variant in ("editflow", "reference"):
+        if args.only in (None, variant):
+            print(f"[bench] timing {variant} ...", file=sys.stderr)
+            result[variant] = time_variant(cfg, arch, args, device, variant == "reference", peak)
+    if "editflow" in result and "reference" in result:
+        result["speedup"] = result["editflow"]["samples_per_s"] / result["reference"]["samples_per_s"]
+    return result
+
+
+def _spec_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in name), None)
+
+
+def default_out(result: dict) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
+    return RESULTS / f"{result['date']}-{slug}.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="editflow bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="time the training step (editflow vs the diffusers-example way)")
+    train.add_argument("--model", help="a conf/model config (default: the composed config's, tiny)")
+    train.add_argument("--resolution", type=int, default=64, help="square side in pixels (multiple of 16)")
+    train.add_argument("--batch", type=int, default=2)
+    train.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
+    train.add_argument("--warmup", type=int, default=2)
+    train.add_argument("--text-tokens", type=int, default=512, help="Qwen tokens per sample")
+    train.add_argument("--layers", type=int, help="double-stream blocks (default: the config's)")
+    train.add_argument("--single-layers", type=int, help="single-stream blocks (default: the config's)")
+    train.add_argument("--full-depth", action="store_true", help="ignore --layers/--single-layers")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the blocks of the editflow variant (default: on CUDA)")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--memory-cap-gb", type=float, help="cap this process's GPU memory (e.g. 24)")
+    train.add_argument("--only", choices=["editflow", "reference"])
+    train.add_argument("--out", help="result json (default: bench/results/<date>-<device>.json)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides look like key=value)")
+    if args.resolution % 16:
+        parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    result = run(args, overrides)
+    out = Path(args.out) if args.out else default_out(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"[bench] wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
