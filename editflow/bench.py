@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from editflow import flow
-from editflow.models.build import (ASSETS, build_connector, configure_transformer, keep_trainable_in_fp32,
-                                   torch_dtype)
+from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
+                                   keep_trainable_in_fp32, torch_dtype)
 from editflow.models.editor import KontextEditor
 from editflow.throughput import PEAK_BF16_TFLOPS
 
@@ -129,8 +129,7 @@ def build_optimizer(editor: KontextEditor, cfg, reference: bool) -> torch.optim.
 def time_variant(cfg, arch: dict, args, device: torch.device, reference: bool, peak: float) -> dict:
     editor = build_editor(cfg, arch, device, reference)
     if not reference and args.compile:
-        for block in [*editor.transformer.transformer_blocks, *editor.transformer.single_transformer_blocks]:
-            block.compile()  # regional compilation: every block has the same shape, compiled once
+        compile_blocks(editor.transformer)
     optimizer = build_optimizer(editor, cfg, reference)
     inputs = synthetic_batch(editor, args.batch, args.resolution, args.text_tokens, device)
 

@@ -24,7 +24,7 @@ from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder, condition_dropout
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
-from editflow.models.build import build_models, check_attention_backend, keep_trainable_in_fp32
+from editflow.models.build import build_models, check_attention_backend, compile_blocks, keep_trainable_in_fp32
 from editflow.pipeline import EditPipeline
 from editflow.validate import check_world_size
 
@@ -80,6 +80,11 @@ class Trainer:
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
         editor = models.editor
+        if cfg.model.get("compile_blocks"):
+            if acc.device.type == "cuda":
+                compile_blocks(editor.transformer)
+            else:
+                log.info("model.compile_blocks: skipped on %s (compiling pays on CUDA only)", acc.device)
         if acc.distributed_type != DistributedType.DEEPSPEED:
             keep_trainable_in_fp32(editor, cfg.model)
         params = [p for p in editor.parameters() if p.requires_grad]

@@ -55,6 +55,10 @@ def validate(cfg: DictConfig) -> None:
         _require(m.get(key, "float32") in DTYPES, f"model.{key}", f"expected one of {sorted(DTYPES)}")
     _require(m.get("trainable", "full") in ("full", "lora", "reference_attention"), "model.trainable",
              f"expected full, lora or reference_attention, got {m.get('trainable')!r}")
+    _require(m.get("base_quantization") in (None, "int8", "fp8"), "model.base_quantization",
+             f"expected int8, fp8 or null, got {m.get('base_quantization')!r}")
+    _require(not m.get("base_quantization") or m.get("trainable") == "lora", "model.base_quantization",
+             "quantizes the frozen base of a LoRA run: needs model.trainable=lora")
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> int:

@@ -205,3 +205,42 @@ def test_lora_on_a_bf16_base_trains_fp32_adapters_and_connector(tiny_model_cfg):
     out = editor(torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), states, mask, torch.rand(2), torch.ones(2))
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+
+
+def test_int8_base_under_lora_trains_the_adapters(tiny_model_cfg):
+    pytest.importorskip("torchao")
+    from omegaconf import OmegaConf
+
+    from editflow.models.build import build_models
+
+    cfg = OmegaConf.merge(tiny_model_cfg, {"trainable": "lora", "base_quantization": "int8"})
+    editor = build_models(cfg, seed=0, training=True).editor
+    base = editor.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
+    assert "Int8" in type(base).__name__ and base.requires_grad is False
+    optimizer = torch.optim.AdamW([p for p in editor.parameters() if p.requires_grad], lr=1e-2)
+    states, mask = pad_states([torch.randn(5, 64), torch.randn(5, 64)])
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), states, mask, torch.rand(2), torch.ones(2))
+    target = torch.randn(2, 16, 4, 4)
+    losses = []
+    for _ in range(30):
+        loss = (editor(*inputs) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    lora_b = editor.transformer.transformer_blocks[0].attn.to_q.lora_B.default.weight
+    assert lora_b.abs().sum() > 0  # the adapters moved, the int8 base did not
+
+
+def test_base_quantization_needs_lora():
+    from hydra import compose, initialize_config_dir
+
+    from editflow.config import CONFIG_DIR
+    from editflow.validate import ConfigError, validate
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model.base_quantization=int8"])
+    with pytest.raises(ConfigError, match="model.base_quantization: .*needs model.trainable=lora"):
+        validate(cfg)

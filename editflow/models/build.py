@@ -240,8 +240,34 @@ def configure_transformer(transformer: FluxTransformer2DModel, cfg: DictConfig, 
                           lora_adapter: bool = True) -> tuple[str, str]:
     """What trains (adapters too), gradient checkpointing, and the attention kernels to use."""
     backends = attention_backends(cfg.get("attention_backend"), training)
+    if training and cfg.get("base_quantization"):
+        quantize_base(transformer, cfg.base_quantization)  # before the adapters wrap the quantized linears
     if training or (lora_adapter and cfg.get("trainable") == "lora"):
         select_trainable(transformer, cfg)
     if training and cfg.get("gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
     return backends
+
+
+def quantize_base(transformer: FluxTransformer2DModel, kind: str) -> None:
+    """The frozen base of a LoRA run in 8 bits (torchao, weight-only): the block linears hold int8 or fp8
+    weights, about half the memory of bf16; PEFT's LoRA layers train on top of them in full precision.
+    Inference and export use the unquantized base (the usual QLoRA practice)."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ImportError("model.base_quantization needs torchao (pip install 'editflow[gpu]')") from None
+    configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig}
+    if kind not in configs:
+        raise ValueError(f"model.base_quantization: expected int8, fp8 or null, got {kind!r}")
+    if kind == "fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        raise ValueError("model.base_quantization=fp8 needs a GPU with fp8 support (Ada/Hopper or newer); use int8")
+    in_blocks = lambda module, name: isinstance(module, torch.nn.Linear) and "transformer_blocks." in name
+    quantize_(transformer, configs[kind](), filter_fn=in_blocks)
+
+
+def compile_blocks(transformer: FluxTransformer2DModel) -> None:
+    """Regional torch.compile: each FLUX block is compiled (all blocks of a kind share one graph), which
+    compiles in seconds instead of minutes for the whole model and keeps checkpointing per block."""
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.compile()
