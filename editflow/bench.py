@@ -37,7 +37,7 @@ from editflow.models.build import (ASSETS, build_connector, compile_blocks, conf
 from editflow.models.editor import KontextEditor
 from editflow.throughput import PEAK_BF16_TFLOPS
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+RESULTS = Path("bench") / "results"  # relative to where the command runs (the repo root in the README)
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
