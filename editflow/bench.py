@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from editflow import flow
+from editflow.config import compose
 from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
                                    keep_trainable_in_fp32, torch_dtype)
 from editflow.models.editor import KontextEditor
@@ -196,17 +197,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from editflow.config import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:

@@ -74,6 +74,12 @@ def _data(argv: list[str]) -> None:
         print(f"{args.directory}: all shards match the manifest")
 
 
+def _encode(argv: list[str]) -> None:
+    from editflow import preencode
+
+    preencode.main(argv)
+
+
 def _edit(argv: list[str]) -> None:
     from editflow import edit
 
@@ -104,18 +110,19 @@ def _bench(argv: list[str]) -> None:
     bench.main(argv)
 
 
-COMMANDS = {"train": _train, "data": _data, "edit": _edit, "eval": _eval, "export": _export, "slurm": _slurm,
-            "bench": _bench}
+COMMANDS = {"train": _train, "data": _data, "encode": _encode, "edit": _edit, "eval": _eval, "export": _export,
+            "slurm": _slurm, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: editflow {train,data,edit,eval,export,slurm,bench} ...\n"
+        print("usage: editflow {train,data,encode,edit,eval,export,slurm,bench} ...\n"
               "  editflow train [hydra overrides]   train (no overrides: tiny model on toy edits, CPU)\n"
               "  editflow data toy --out DIR --num N --seed S\n"
               "  editflow data convert --format FORMAT INPUT... --out DIR\n"
               "  editflow data verify DIR\n"
+              "  editflow encode [hydra overrides] encode.out=DIR   pre-encode the training sets\n"
               "  editflow edit --model RUN --image IN --instruction TEXT --out OUT [...]\n"
               "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]\n"
               "  editflow export RUN_OR_CHECKPOINT --out DIR [--merge-lora]\n"

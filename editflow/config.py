@@ -15,3 +15,14 @@ def register_resolvers() -> None:
     """`${asset:tiny/vae}` -> path of a file shipped in editflow/assets."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
+
+
+def compose(overrides: list[str]):
+    """The config `editflow train` would run with these Hydra overrides, for commands that do not start a
+    Hydra run of their own (no run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)

@@ -176,8 +176,9 @@ class EditPipeline:
         instructions = [t for t in instructions for _ in range(num_images_per_prompt)]
         prompt_embeds, pooled, text_mask, branches = self._conditioning(
             sources, instructions, text_guidance_scale, image_guidance_scale)
-        source_latents = self.codec.encode(torch.stack([image_tensor(s) for s in sources]).to(self.device))
-        reference_latents = [self.codec.encode(image_tensor(fit(r))[None].to(self.device)).expand_as(source_latents)
+        # .to(device): the codec may live elsewhere (host memory, when training on pre-encoded data)
+        source_latents = self.codec.encode(torch.stack([image_tensor(s) for s in sources])).to(self.device)
+        reference_latents = [self.codec.encode(image_tensor(fit(r))[None]).to(self.device).expand_as(source_latents)
                              for r in references]
         shape = (len(sources), self.codec.latent_channels, height // self.codec.downsample,
                  width // self.codec.downsample)

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from editflow.config import CONFIG_DIR, register_resolvers
+from editflow.config import CONFIG_DIR
+from editflow.config import compose as compose_config
 
 TEMPLATES = CONFIG_DIR.parent / "launch" / "slurm"
 ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
@@ -25,14 +26,9 @@ ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
 
 def compose(overrides: list[str]):
     """The run's config, validated as `editflow train` would (raises on bad keys or values)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     from editflow.validate import validate
 
-    register_resolvers()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     validate(cfg)
     return cfg
 

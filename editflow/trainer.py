@@ -17,6 +17,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from editflow import checkpoint as ckpt
 from editflow import flow
+from editflow.data.encoded import check_pre_encoded
 from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
@@ -75,7 +76,15 @@ class Trainer:
                  tcfg.global_batch_size)
         set_seed(tcfg.seed, device_specific=True)  # per-rank noise and sigmas
 
-        models = build_models(cfg.model, seed=tcfg.seed, training=True).to(acc.device)
+        dcfg = cfg.data
+        with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
+            sets = train_sets(dcfg, progress=acc.is_main_process)
+            self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
+                dcfg.kind == "toy" else []
+        pre_encoded = check_pre_encoded(sets, cfg)
+        models = build_models(cfg.model, seed=tcfg.seed, training=True)
+        # Pre-encoded data: Qwen and the VAE serve only evaluation and stay in host memory.
+        (models.editor if pre_encoded else models).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
@@ -119,15 +128,10 @@ class Trainer:
         self._install_signal_handlers()
         self._register_process()
 
-        dcfg = cfg.data
-        with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
-            sets = train_sets(dcfg, progress=acc.is_main_process)
-            self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
-                dcfg.kind == "toy" else []
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
-            max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False),
+            max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False), encoded=pre_encoded,
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()

@@ -34,6 +34,15 @@ def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
     return directory
 
 
+def recorded_encoding(spec) -> dict | None:
+    """The `editflow encode` record of shard directories (None for source shards)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    records = [read_manifest(p).get("encoding") for p in (Path(str(i)).expanduser() for i in specs) if p.is_dir()]
+    if any(r != records[0] for r in records):
+        raise ValueError(f"{specs}: these directories mix pre-encoded and source shards, or two encodings")
+    return records[0] if records else None
+
+
 def resolve_urls(spec) -> list[str]:
     """Shard URLs from a directory with a manifest, a list of directories, or explicit tar paths/brace patterns."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -54,17 +63,43 @@ def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
     return resolve_urls(spec)
 
 
+def set_names(cfg: DictConfig) -> list[tuple[str, float]]:
+    """(name, weight) of each training set, as `train_sets` names them."""
+    spec = cfg.get("train")
+    if cfg.kind == "toy" or isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
+        return [("toy" if cfg.kind == "toy" else "train", 1.0)]
+    return [(str(name), float(node.get("weight", 1.0))) for name, node in spec.items()]
+
+
+def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
+    """The training sets as `editflow encode` wrote them under `data.pre_encoded` (same names and weights)."""
+    root = Path(str(cfg.pre_encoded)).expanduser()
+    sets = []
+    for name, weight in set_names(cfg):
+        manifest = read_manifest(root / name)
+        if "encoding" not in manifest:
+            raise FileNotFoundError(f"data.pre_encoded={root}: no finished encoding of set {name!r} (no "
+                                    f"{root / name}/manifest.json); run `editflow encode encode.out={root}` with "
+                                    "this run's overrides")
+        sets.append(ShardSet(name, shard_urls(root / name), weight, encoding=manifest["encoding"]))
+    return sets
+
+
 def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
     """The weighted shard sets to mix for training.
 
     `data.train` is a directory, a list of them, or a mapping name -> {path(s), weight}
-    (e.g. the three GPT-IMAGE-EDIT origins, or text-to-image next to edits).
+    (e.g. the three GPT-IMAGE-EDIT origins, or text-to-image next to edits). With `data.pre_encoded`
+    the same sets come from `editflow encode`'s output instead.
     """
+    if cfg.get("pre_encoded"):
+        return encoded_sets(cfg)
     if cfg.kind == "toy":
         return [ShardSet("toy", split_urls(cfg, "train", progress))]
     spec = cfg.get("train")
     if not spec:
         raise ValueError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
     if isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
-        return [ShardSet("train", resolve_urls(spec))]
-    return [ShardSet(str(name), resolve_urls(node.path), float(node.get("weight", 1.0))) for name, node in spec.items()]
+        return [ShardSet("train", resolve_urls(spec), encoding=recorded_encoding(spec))]
+    return [ShardSet(name, resolve_urls(spec[name].path), weight, encoding=recorded_encoding(spec[name].path))
+            for name, weight in set_names(cfg)]

@@ -15,7 +15,6 @@ cannot be replayed and is reported.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
+from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import image_tensor
 from editflow.data.samples import SampleError, decode_sample
 
@@ -39,6 +39,7 @@ class ShardSet:
     name: str
     urls: list[str]
     weight: float = 1.0
+    encoding: dict | None = None  # pre-encoded shards: the manifest's record of how (data/encoded.py)
 
 
 def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
@@ -74,14 +75,38 @@ def refetch(raw: dict) -> dict:
 def bucket_of(raw: dict, base: int, square_only: bool = False) -> tuple[int, int, bool]:
     """(width, height, text_to_image) from a sample's json alone, so fast-forwarding never decodes images.
 
-    Text-to-image samples get batches of their own (no source tokens)."""
+    Text-to-image samples get batches of their own (no source tokens). A pre-encoded sample keeps the
+    bucket it was encoded at."""
     try:
         meta = json.loads(raw["json"])
+        if "encoded_bucket" in meta:
+            return (*meta["encoded_bucket"], bool(meta.get("text_to_image")))
         size = meta.get("target_size") or meta.get("size")
         bucket = (base, base) if square_only else nearest_bucket(int(size[0]), int(size[1]), base)
         return (*bucket, bool(meta.get("text_to_image")))
     except Exception:  # noqa: BLE001 - unreadable metadata: decoded (and rejected) later
         return (0, 0, False)
+
+
+def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | None = None,
+                   square_only: bool = False) -> dict:
+    """Decoded samples of one bucket -> a batch: images fitted to the bucket (the source to its scaled
+    bucket when `source_pixels` is set), as tensors in [-1, 1] and, for Qwen, as PIL images."""
+    source_bucket = scaled_bucket(bucket, source_pixels) if source_pixels else bucket
+    fit = resize_to_bucket
+    if square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
+        fit = lambda image, size: image if image.size == size else image.resize(size, Image.BICUBIC)
+    targets = [fit(s.target, bucket) for s in samples]
+    sources = [fit(s.source, source_bucket) if s.source is not None else None for s in samples]
+    has_source = all(s is not None for s in sources)
+    return {
+        "key": [s.key for s in samples],
+        "instruction": [s.instruction for s in samples],
+        "target": torch.stack([image_tensor(t) for t in targets]),
+        "source": torch.stack([image_tensor(s) for s in sources]) if has_source else None,
+        "source_images": sources if has_source else [None] * len(samples),
+        "text_to_image": [s is None for s in sources],
+    }
 
 
 class BucketStream(IterableDataset):
@@ -100,6 +125,7 @@ class BucketStream(IterableDataset):
         max_skip_rate: float = 0.05,
         min_seen_for_skip_rate: int = 200,
         square_only: bool = False,
+        encoded: bool = False,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -108,6 +134,7 @@ class BucketStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.bucket_base = seed, shuffle_buffer, bucket_base
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
+        self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
         self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
         self.skipped: dict[str, int] = {}
@@ -170,7 +197,7 @@ class BucketStream(IterableDataset):
             raw = refetch(raw) if raw.get("__partial__") else raw
             self.seen += 1
             try:
-                samples.append(decode_sample(raw))
+                samples.append(decode_encoded(raw) if self.encoded else decode_sample(raw))
             except SampleError as err:
                 self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
                 total = sum(self.skipped.values())
@@ -181,23 +208,11 @@ class BucketStream(IterableDataset):
         return samples
 
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
-        bucket = bucket[:2]
-        source_bucket = scaled_bucket(bucket, self.source_pixels) if self.source_pixels else bucket
-        fit = resize_to_bucket
-        if self.square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
-            fit = lambda image, size: image if image.size == size else image.resize(size, Image.BICUBIC)
-        targets = [fit(s.target, bucket) for s in samples]
-        sources = [fit(s.source, source_bucket) if s.source is not None else None for s in samples]
-        has_source = all(s is not None for s in sources)
-        return {
-            "key": [s.key for s in samples],
-            "instruction": [s.instruction for s in samples],
-            "target": torch.stack([image_tensor(t) for t in targets]),
-            "source": torch.stack([image_tensor(s) for s in sources]) if has_source else None,
-            "source_images": sources if has_source else [None] * len(samples),
-            "text_to_image": [s is None for s in sources],
-            "skipped": dict(self.skipped),
-        }
+        if self.encoded:
+            batch = collate_encoded(samples)
+        else:
+            batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
+        return {**batch, "skipped": dict(self.skipped)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

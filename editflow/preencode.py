@@ -1,0 +1,175 @@
+"""`editflow encode [hydra overrides] encode.out=DIR`: run the frozen VAE and Qwen over the training data
+once, so training keeps neither on the accelerator (the 24 GB mode) and spends no time on them.
+
+The overrides are the training run's: the same model, data and objective settings decide what is stored.
+Each training set becomes `DIR/<set name>/`, one encoded shard per source shard in the same order, so a
+run with `data.pre_encoded=DIR` sees the batches an on-the-fly run sees. Several processes
+(`accelerate launch -m editflow.preencode ...`, or torchrun) split the shards between them; a stopped
+encode resumes, keeping the shards it finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from editflow.data.encoded import encoded_sample, encoding_settings
+from editflow.data.samples import SampleError, decode_sample
+from editflow.data.shards import write_manifest, write_shard
+from editflow.data.sources import train_sets
+from editflow.data.stream import bucket_of, collate_images, iter_tar
+from editflow.encoding import DROPS, FrozenEncoder, drop_inputs, states_field
+from editflow.models.build import build_codec, build_conditioner, torch_dtype
+
+log = logging.getLogger(__name__)
+CHUNK = 64  # samples read ahead per shard, grouped by bucket into encoder batches
+
+
+def drops_to_store(cfg: DictConfig) -> list[str]:
+    """The condition-dropout outcomes whose Qwen states are stored: the run's (auto) or an explicit list."""
+    spec = cfg.encode.get("drops", "auto")
+    if spec == "auto":
+        o = cfg.objective
+        return [d for d, p in (("text", o.drop_text), ("image", o.drop_image), ("both", o.drop_both)) if p > 0]
+    unknown = [d for d in spec if d not in DROPS or d is None]
+    if unknown:
+        raise ValueError(f"encode.drops: unknown outcome(s) {unknown}; expected auto or a list of text, image, both")
+    return list(spec)
+
+
+class ShardEncoder:
+    """Encodes one source shard into one encoded shard."""
+
+    def __init__(self, encoder: FrozenEncoder, cfg: DictConfig, drops: list[str]):
+        self.encoder, self.drops = encoder, drops
+        self.data = cfg.data
+        self.batch_size = cfg.encode.batch_size
+
+    def _encode_batch(self, url: str, samples: list, bucket: tuple[int, int]) -> list[dict]:
+        batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False))
+        try:
+            target, source = self.encoder.latents(batch["target"]), self.encoder.latents(batch["source"])
+            out = [{"target": target[j]} if source is None else {"target": target[j], "source": source[j]}
+                   for j in range(len(samples))]
+            for drop in [None, *self.drops]:
+                inputs = [drop_inputs(t, im, drop) for t, im in zip(batch["instruction"], batch["source_images"])]
+                for row, states in zip(out, self.encoder.states([im for _, im in inputs], [t for t, _ in inputs])):
+                    row[states_field(drop)] = states
+        except (ValueError, RuntimeError) as err:
+            raise RuntimeError(f"shard {url}, keys {batch['key']}: encoding failed: {err}") from err
+        return out
+
+    def _encoded(self, url: str, rejected: Counter):
+        def decoded():
+            for raw in iter_tar(url):
+                try:
+                    yield bucket_of(raw, self.data.bucket_base, self.data.get("square_only", False)), decode_sample(raw)
+                except SampleError as err:
+                    rejected[err.reason] += 1
+                    log.warning("skipping sample: %s", err)
+
+        stream = decoded()
+        while chunk := list(itertools.islice(stream, CHUNK)):
+            groups: dict[tuple, list[int]] = {}
+            for index, (bucket, _) in enumerate(chunk):
+                groups.setdefault(bucket, []).append(index)
+            tensors: dict[int, dict] = {}
+            for bucket, indices in groups.items():
+                for start in range(0, len(indices), self.batch_size):
+                    part = indices[start: start + self.batch_size]
+                    rows = self._encode_batch(url, [chunk[i][1] for i in part], bucket[:2])
+                    tensors.update(zip(part, rows))
+            for index, (bucket, sample) in enumerate(chunk):  # the source shard's order
+                yield encoded_sample(sample.key, sample.meta, bucket[:2], tensors.pop(index))
+
+    def __call__(self, url: str, path: Path) -> dict:
+        rejected: Counter = Counter()
+        entry = write_shard(path, self._encoded(url, rejected))
+        return {**entry, "source": url, "rejected": dict(rejected)}
+
+
+def _claim_directory(directory: Path, encoding: dict) -> None:
+    """A set directory belongs to one encoding: resuming with other settings would mix two in one set."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / "encoding.json"
+    if marker.exists():
+        existing = json.loads(marker.read_text())
+        if existing != encoding:
+            raise ValueError(f"{directory} holds shards encoded with {existing}, not {encoding}; use another "
+                             "encode.out or delete it")
+    else:
+        marker.write_text(json.dumps(encoding, indent=1, sort_keys=True))
+
+
+def encode(cfg: DictConfig) -> Path:
+    """Encode every training set of `cfg` into `cfg.encode.out`; returns that directory."""
+    from accelerate import PartialState
+
+    if not cfg.encode.get("out"):
+        raise ValueError("encode.out is not set: give the output directory (e.g. encode.out=/data/encoded/run)")
+    if cfg.data.get("pre_encoded"):
+        raise ValueError("data.pre_encoded is set: `editflow encode` reads the source shards (data.train)")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(cfg.encode.out).expanduser()
+    drops = drops_to_store(cfg)
+    encoding = {"settings": encoding_settings(cfg), "drops": drops}
+    with state.main_process_first():  # the main process makes the toy set and claims the directories
+        sets = train_sets(cfg.data, progress=state.is_main_process)
+        for shard_set in sets:
+            _claim_directory(out / shard_set.name, encoding)
+    dtype = torch_dtype(cfg.model.get("frozen_dtype", cfg.model.get("dtype", "float32")))
+    conditioner = build_conditioner(cfg.model.qwen, dtype).to(state.device)
+    codec = build_codec(cfg.model.vae, dtype)
+    codec.vae.to(state.device)
+    shard_encoder = ShardEncoder(FrozenEncoder(codec, conditioner), cfg, drops)
+
+    jobs = [(s, i, url) for s in sets for i, url in enumerate(s.urls)]
+    mine = jobs[state.process_index:: state.num_processes]
+    bar = tqdm(mine, desc=f"encode -> {out}", unit="shard", disable=not state.is_main_process, dynamic_ncols=True)
+    for shard_set, index, url in bar:
+        path = out / shard_set.name / f"{index:06d}-{os.path.basename(url)}"
+        done = Path(f"{path}.done.json")
+        if done.exists() and path.exists():  # finished by an earlier, interrupted encode
+            continue
+        entry = shard_encoder(url, path)
+        tmp = done.with_name(done.name + ".tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, done)
+        bar.set_postfix(samples=entry["count"])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for shard_set in sets:
+            directory = out / shard_set.name
+            entries = [json.loads(Path(f"{directory / f'{i:06d}-{os.path.basename(u)}'}.done.json").read_text())
+                       for i, u in enumerate(shard_set.urls)]
+            rejected = sum((Counter(e["rejected"]) for e in entries), Counter())
+            write_manifest(directory, {"shards": entries, "num_samples": sum(e["count"] for e in entries),
+                                       "encoding": encoding, "rejected": dict(rejected)})
+            log.info("%s: %d samples encoded, %d rejected %s", directory, sum(e["count"] for e in entries),
+                     sum(rejected.values()), dict(rejected) or "")
+    state.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from editflow.config import compose
+    from editflow.validate import validate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = compose(sys.argv[1:] if argv is None else argv)
+    validate(cfg)
+    out = encode(cfg)
+    print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Pre-encoded training data (`editflow encode`, `data.pre_encoded`)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from editflow.config import compose
+from editflow.data.encoded import TENSORS_EXT, check_pre_encoded, decode_encoded
+from editflow.data.samples import SampleError
+from editflow.data.sources import train_sets
+from editflow.data.stream import iter_tar
+
+from test_train import EXACT, QUICK, read_metrics, run_train
+
+DROPS = ["objective.drop_text=0.2", "objective.drop_image=0.1", "objective.drop_both=0.1"]
+
+
+def run_encode(root, *overrides: str, code: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, EDITFLOW_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "editflow.cli", "encode", *QUICK, *overrides], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == code, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encode")
+    run_encode(root, *DROPS, f"encode.out={root / 'enc'}", "encode.batch_size=3")
+    return root
+
+
+def test_encoded_shards_mirror_the_source_with_the_stored_tensors(encoded, monkeypatch):
+    monkeypatch.setenv("EDITFLOW_CACHE", str(encoded / "cache"))
+    cfg = compose([*QUICK, *DROPS])
+    source = train_sets(cfg.data)[0]
+    manifest = json.loads((encoded / "enc" / "toy" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 24 and len(manifest["shards"]) == len(source.urls) == 3
+    assert manifest["encoding"]["drops"] == ["text", "image", "both"]
+    assert manifest["encoding"]["settings"]["data.bucket_base"] == 64
+
+    from editflow.data.samples import decode_sample
+    from editflow.encoding import FrozenEncoder, drop_inputs
+    from editflow.data.stream import collate_images
+    from editflow.models.build import build_models
+
+    models = build_models(cfg.model)
+    encoder = FrozenEncoder(models.codec, models.conditioner)
+    raw = next(iter_tar(source.urls[0]))
+    stored = decode_encoded(next(iter_tar(str(encoded / "enc" / "toy" / manifest["shards"][0]["file"]))))
+    assert stored.key == raw["__key__"]  # same order as the source shard
+    sample = decode_sample(raw)
+    batch = collate_images([sample], (64, 64))
+    torch.testing.assert_close(stored.tensors["target"], encoder.latents(batch["target"])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored.tensors["source"], encoder.latents(batch["source"])[0], atol=1e-5, rtol=1e-5)
+    for drop, field in [(None, "states"), ("text", "states_drop_text"), ("image", "states_drop_image"),
+                        ("both", "states_drop_both")]:
+        text, image = drop_inputs(sample.instruction, batch["source_images"][0], drop)
+        expected = encoder.states([image], [text])[0]
+        assert stored.tensors[field].shape == expected.shape, field
+        torch.testing.assert_close(stored.tensors[field], expected, atol=1e-4, rtol=1e-4)
+    # the image is gone from what Qwen read when it was dropped
+    assert stored.tensors["states_drop_image"].shape[0] < stored.tensors["states"].shape[0]
+
+
+def test_training_on_pre_encoded_data_follows_the_on_the_fly_run(encoded):
+    cache = encoded / "cache"
+    online, stored = encoded / "online", encoded / "stored"
+    entry = [sys.executable, "-m", "editflow.train"]
+    run_train(entry, online, cache, *DROPS, *EXACT, "trainer.max_steps=6", "trainer.keep_last=5")
+    run_train(entry, stored, cache, *DROPS, *EXACT, "trainer.max_steps=6", "trainer.keep_last=5",
+              f"data.pre_encoded={encoded / 'enc'}")
+    a, b = read_metrics(online), read_metrics(stored)
+    # equal up to float rounding: the stored tensors were encoded in other batches than the run's
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-5)
+    wa = load_file(online / "checkpoints" / "step-0000006" / "model.safetensors")
+    wb = load_file(stored / "checkpoints" / "step-0000006" / "model.safetensors")
+    start = load_file(online / "checkpoints" / "step-0000002" / "model.safetensors")
+    for key in wa:
+        moved = (wa[key] - start[key]).abs().max()
+        assert (wa[key] - wb[key]).abs().max() <= 1e-3 * moved + 1e-7, key
+    assert (stored / "eval.json").exists()  # evaluation still runs (Qwen and the VAE kept in host memory)
+
+
+def test_a_run_with_other_settings_or_dropout_is_refused(encoded, monkeypatch):
+    monkeypatch.setenv("EDITFLOW_CACHE", str(encoded / "cache"))
+    cfg = compose([*QUICK, *DROPS, f"data.pre_encoded={encoded / 'enc'}"])
+    assert check_pre_encoded(train_sets(cfg.data), cfg)
+    other = compose([*QUICK, *DROPS, f"data.pre_encoded={encoded / 'enc'}", "model.qwen.hidden_layer=-2"])
+    with pytest.raises(ValueError, match=r"model\.qwen\.hidden_layer \(encoded with -1, this run has -2\)"):
+        check_pre_encoded(train_sets(other.data), other)
+    # data.train pointing at the encoded directory itself is recognised too
+    direct = compose(["data=shards", f"data.train={encoded / 'enc' / 'toy'}", "data.bucket_base=64",
+                      "objective.drop_text=0.2"])
+    assert check_pre_encoded(train_sets(direct.data), direct)
+
+
+def test_missing_dropout_states_are_named(tmp_path):
+    root = tmp_path
+    run_encode(root, f"encode.out={root / 'enc'}")  # no dropout: states only
+    env = dict(os.environ, EDITFLOW_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    result = subprocess.run([sys.executable, "-m", "editflow.train", *QUICK, "objective.drop_both=0.1",
+                             f"data.pre_encoded={root / 'enc'}", f"hydra.run.dir={root / 'run'}"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "holds no Qwen states for dropping ['both']" in result.stderr
+
+
+def test_encode_resumes_keeps_finished_shards_and_rejects_bad_samples(tmp_path, monkeypatch):
+    from editflow.data.toy_shards import write_toy_shards
+    from editflow.preencode import encode
+
+    src = write_toy_shards(tmp_path / "src", 6, samples_per_shard=3, progress=False)
+    first = src / "toy-000000.tar"
+    with tarfile.open(first) as tar:  # corrupt one sample's target image
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = next(m.name for m, _ in members if m.name.endswith(".tgt.png"))
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name == bad:
+                data = b"not a png"
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    overrides = ["data=shards", f"data.train={src}", "data.bucket_base=64", f"encode.out={tmp_path / 'enc'}"]
+    out = encode(compose(overrides)) / "train"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 5 and manifest["rejected"] == {"undecodable_image": 1}
+    kept = out / manifest["shards"][1]["file"]
+    stamp = kept.stat().st_mtime_ns
+    redo = out / manifest["shards"][0]["file"]
+    os.unlink(f"{redo}.done.json")  # as if the encode had stopped while writing this shard
+    encode(compose(overrides))
+    again = json.loads((out / "manifest.json").read_text())
+    assert kept.stat().st_mtime_ns == stamp and again["shards"][1] == manifest["shards"][1]
+    summary = lambda m: [(e["file"], e["count"], e["rejected"]) for e in m["shards"]]  # tar headers hold times
+    assert summary(again) == summary(manifest) and again["rejected"] == manifest["rejected"]
+    with pytest.raises(ValueError, match="holds shards encoded with"):
+        encode(compose([*overrides, "model.qwen.hidden_layer=-2"]))
+
+
+def test_bad_encoded_sample_names_shard_key_and_field():
+    with pytest.raises(SampleError, match=rf"shard s\.tar, key k1: no {TENSORS_EXT} field"):
+        decode_encoded({"__key__": "k1", "__url__": "s.tar", "json": b"{}"})
+    with pytest.raises(SampleError, match="shard s.tar, key k2: unreadable"):
+        decode_encoded({"__key__": "k2", "__url__": "s.tar", "json": b"{}", TENSORS_EXT: b"garbage"})
