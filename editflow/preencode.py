@@ -116,14 +116,14 @@ def encode(cfg: DictConfig) -> Path:
 
     if not cfg.encode.get("out"):
         raise ValueError("encode.out is not set: give the output directory (e.g. encode.out=/data/encoded/run)")
-    if cfg.data.get("pre_encoded"):
-        raise ValueError("data.pre_encoded is set: `editflow encode` reads the source shards (data.train)")
+    data = cfg.data.copy()
+    data.pre_encoded = None  # encoding reads the source shards, whatever the run will train on
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.encode.out).expanduser()
     drops = drops_to_store(cfg)
     encoding = {"settings": encoding_settings(cfg), "drops": drops}
     with state.main_process_first():  # the main process makes the toy set and claims the directories
-        sets = train_sets(cfg.data, progress=state.is_main_process)
+        sets = train_sets(data, progress=state.is_main_process)
         for shard_set in sets:
             _claim_directory(out / shard_set.name, encoding)
     dtype = torch_dtype(cfg.model.get("frozen_dtype", cfg.model.get("dtype", "float32")))
@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose(sys.argv[1:] if argv is None else argv)
     validate(cfg)
     out = encode(cfg)
-    print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def run_encode(root, *overrides: str, code: int = 0) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("encode")
-    run_encode(root, *DROPS, f"encode.out={root / 'enc'}", "encode.batch_size=3")
+    # data.pre_encoded (as in experiment=lora_24gb) does not stop encode from reading the source shards
+    run_encode(root, *DROPS, f"encode.out={root / 'enc'}", "encode.batch_size=3",
+               f"data.pre_encoded={root / 'enc'}")
     return root
 
 
@@ -150,3 +152,23 @@ def test_bad_encoded_sample_names_shard_key_and_field():
         decode_encoded({"__key__": "k1", "__url__": "s.tar", "json": b"{}"})
     with pytest.raises(SampleError, match="shard s.tar, key k2: unreadable"):
         decode_encoded({"__key__": "k2", "__url__": "s.tar", "json": b"{}", TENSORS_EXT: b"garbage"})
+
+
+def test_two_processes_split_the_shards_and_write_the_same_data(encoded):
+    env = dict(os.environ, EDITFLOW_CACHE=str(encoded / "cache"), HF_HUB_OFFLINE="1")
+    config = os.path.join(os.path.dirname(__file__), "..", "launch", "accelerate", "cpu_2proc.yaml")
+    result = subprocess.run(["accelerate", "launch", "--config_file", config, "-m", "editflow.preencode", *QUICK, *DROPS,
+                             "encode.batch_size=3", f"encode.out={encoded / 'enc2'}"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((encoded / "enc" / "toy" / "manifest.json").read_text())
+    two = json.loads((encoded / "enc2" / "toy" / "manifest.json").read_text())
+    assert [(e["file"], e["count"]) for e in one["shards"]] == [(e["file"], e["count"]) for e in two["shards"]]
+    for entry in one["shards"]:
+        a = [decode_encoded(r) for r in iter_tar(str(encoded / "enc" / "toy" / entry["file"]))]
+        b = [decode_encoded(r) for r in iter_tar(str(encoded / "enc2" / "toy" / entry["file"]))]
+        assert [s.key for s in a] == [s.key for s in b]
+        for x, y in zip(a, b):  # equal up to the float rounding of another thread count
+            assert x.tensors.keys() == y.tensors.keys()
+            for k in x.tensors:
+                torch.testing.assert_close(x.tensors[k], y.tensors[k], atol=1e-5, rtol=1e-5)
