@@ -15,10 +15,17 @@ class EMA:
         self.shadow = [params[n].detach().to(device or params[n].device, torch.float32, copy=True) for n in self.names]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, weight: torch.Tensor | None = None) -> None:
+        """shadow += (1 - decay) * (param - shadow); `weight` (a 0-dim 0/1 tensor) scales that on the device,
+        so an update skipped there without a host sync is skipped here too."""
         params = dict(model.named_parameters())
         current = [params[n].detach().to(s.device, torch.float32) for n, s in zip(self.names, self.shadow)]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        if weight is None:
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+            return
+        delta = torch._foreach_sub(current, self.shadow)
+        torch._foreach_mul_(delta, weight.to(self.shadow[0].device) * (1.0 - self.decay))
+        torch._foreach_add_(self.shadow, delta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: s.to("cpu").contiguous() for n, s in zip(self.names, self.shadow)}

@@ -22,6 +22,7 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
+from editflow.guard import NonFiniteGuard
 from editflow.encoding import FrozenEncoder, condition_dropout
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
@@ -41,7 +42,8 @@ def build_optimizer(params, ocfg: DictConfig) -> torch.optim.Optimizer:
         except ImportError:
             raise ImportError("optim.name=adamw8bit needs bitsandbytes (pip install 'editflow[gpu]')") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    fused = all(p.is_cuda for p in params)
+    # fused kernels (one launch for all tensors, and `found_inf` for skipping a step without a host sync)
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
@@ -114,7 +116,9 @@ class Trainer:
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending_metrics: dict = {}
-        self.skipped_steps = self.bad_steps_in_row = 0
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.guard = NonFiniteGuard(inner, tcfg.max_bad_steps, acc.device, window=tcfg.log_every,
+                                    sync_free=not self.sharded_state and NonFiniteGuard.supports_sync_free(inner))
         self.ema = None
         if tcfg.get("ema_decay"):
             if self._zero_stage() == 3:
@@ -194,7 +198,8 @@ class Trainer:
         if self.ema is not None and (path / "ema.pt").exists():
             self.ema.load_state_dict(ckpt.load_extra(path, "ema"))
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.skipped_steps = state.get("skipped_steps", 0)
+        self.guard.skipped.fill_(state.get("skipped_steps", 0))
+        self.guard.reported = state.get("skipped_steps", 0)
         # counted at step 1 and carried along: counting again would wrap a different step in the
         # counter's dispatch mode, which may pick other kernels and break the bit-exact trajectory
         self.flops_per_step = state.get("flops_per_step")
@@ -222,7 +227,7 @@ class Trainer:
         if acc.is_main_process:
             ckpt.write(tmp, self.step, weights, extra, train_state={
                 "step": self.step, "samples_seen": self.samples_seen, "data": data_states,
-                "skipped_steps": self.skipped_steps, "flops_per_step": self.flops_per_step,
+                "skipped_steps": self.guard.skipped_steps, "flops_per_step": self.flops_per_step,
                 "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)})
             path = ckpt.commit(tmp, self.step, self.cfg.trainer.keep_last)
         acc.wait_for_everyone()
@@ -270,28 +275,18 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _optimizer_step(self, loss_sum: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """Clip, check, step. A non-finite loss or gradient norm skips the update (counted); too many in a
-        row stop the run. This is the step's one host sync: the update must not happen on NaN."""
-        acc, tcfg = self.accelerator, self.cfg.trainer
+        """Clip, judge, step: an update with a non-finite loss or gradient norm on any rank is skipped and
+        counted (editflow/guard.py; without a host sync when the optimizer is fused AdamW)."""
+        acc = self.accelerator
         grad_norm = acc.clip_grad_norm_(self.editor.parameters(), self.cfg.optim.grad_clip)
         if not torch.is_tensor(grad_norm):  # DeepSpeed clipped and stepped in backward (skipping non-finite steps)
             grad_norm = torch.tensor(float("nan") if grad_norm is None else grad_norm, device=acc.device)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum)
-        if bool(acc.reduce(finite.float(), "min")):
+        finite = acc.reduce((torch.isfinite(grad_norm) & torch.isfinite(loss_sum)).float(), "min")
+        if self.guard.verdict(finite, self.step + 1, keys):
             self.optimizer.step()
             self.lr_scheduler.step()
-            self.bad_steps_in_row = 0
             if self.ema is not None:
-                self.ema.update(acc.unwrap_model(self.editor))
-        else:
-            self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)", self.step + 1,
-                        self.bad_steps_in_row)
-            if self.bad_steps_in_row >= tcfg.max_bad_steps:
-                raise FloatingPointError(
-                    f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient norm, the last at "
-                    f"step {self.step + 1} (samples {keys[:8]}{' ...' if len(keys) > 8 else ''}); stopping")
+                self.ema.update(acc.unwrap_model(self.editor), weight=finite if self.guard.sync_free else None)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -320,7 +315,7 @@ class Trainer:
                    dynamic_ncols=True)
         window_loss = torch.zeros((), device=acc.device)
         window_count = torch.zeros((), device=acc.device)
-        window_start, window_samples, window_skipped = time.time(), 0, self.skipped_steps
+        window_start, window_samples = time.time(), 0
         bins = torch.zeros(2, 4, device=acc.device)
         start_step = self.step
         while self.step < tcfg.max_steps:
@@ -346,6 +341,7 @@ class Trainer:
             self.samples_seen += tcfg.global_batch_size
             bar.update(1)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                self.guard.check()
                 totals = acc.reduce(torch.stack([window_loss, window_count]), "sum").tolist()  # log steps only
                 mean_loss = totals[0] / totals[1] if totals[1] else float("nan")
                 elapsed = time.time() - window_start
@@ -356,7 +352,7 @@ class Trainer:
                     "grad_norm": float(grad_norm),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "samples_seen": self.samples_seen,
-                    "skipped_steps": self.skipped_steps,
+                    "skipped_steps": self.guard.skipped_steps,
                 }
                 if self.flops_per_step:
                     steps_in_window = window_samples / max(1, tcfg.global_batch_size)
