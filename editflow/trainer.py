@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -60,6 +61,24 @@ def _process_group_kwargs() -> list:
     return [InitProcessGroupKwargs(backend="gloo")] if _deepspeed_on_cpu() else []
 
 
+@contextlib.contextmanager
+def frozen_models_unpartitioned(accelerator: Accelerator):
+    """Under ZeRO-3, accelerate registers its DeepSpeed config with transformers, whose from_pretrained then
+    partitions Qwen at load (zero.Init). Qwen is frozen and stays outside the DeepSpeed engine, so nothing
+    would gather it again: it is loaded whole. The trainable editor is partitioned by `prepare`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
@@ -84,7 +103,8 @@ class Trainer:
             self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
                 dcfg.kind == "toy" else []
         pre_encoded = check_pre_encoded(sets, cfg)
-        models = build_models(cfg.model, seed=tcfg.seed, training=True)
+        with frozen_models_unpartitioned(acc):
+            models = build_models(cfg.model, seed=tcfg.seed, training=True)
         # Pre-encoded data: Qwen and the VAE serve only evaluation and stay in host memory.
         (models.editor if pre_encoded else models).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
@@ -412,7 +432,9 @@ class Trainer:
         """Edit the held-out samples: eval.json, a sample grid, and `eval/*` in metrics.jsonl (main process)."""
         acc, ecfg = self.accelerator, self.cfg.eval
         result = {}
-        if acc.is_main_process and self.val_urls and ecfg.num_samples:
+        # ZeRO-3 gathers each layer's weights from all ranks as it runs: every rank must run the edits
+        editing = acc.is_main_process or self._zero_stage() == 3
+        if editing and self.val_urls and ecfg.num_samples:
             from editflow.evaluate_cli import make_edit_fn
 
             if not hasattr(self, "_val_samples"):
@@ -421,6 +443,9 @@ class Trainer:
             self.editor.eval()
             edit = make_edit_fn(self.pipeline(), self.cfg.data.bucket_base, ecfg.steps, ecfg.guidance, ecfg.seed)
             result, edits = evaluate(samples, edit, batch_size=ecfg.batch_size)
+            if not acc.is_main_process:
+                result = {}
+        if result:
             result["step"] = self.step
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
             n = min(ecfg.grid_rows, len(edits))
