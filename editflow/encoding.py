@@ -78,8 +78,8 @@ class FrozenEncoder:
     @torch.no_grad()
     def states(self, images: list, instructions: list[str]) -> list[torch.Tensor]:
         """Qwen states per sample, unpadded (L_i, D), in Qwen's dtype."""
-        states, mask = self.conditioner(images, instructions)
-        return [states[j, mask[j]] for j in range(len(instructions))]
+        states, mask = self.conditioner.encode(images, instructions)  # mask on the CPU: slicing needs no sync
+        return [states[j, : int(length)] for j, length in enumerate(mask.sum(1))]
 
     def _encode(self, batch: dict, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         pick = torch.tensor(indices)

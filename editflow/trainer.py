@@ -149,6 +149,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
         self.wandb = None
         self.stop_requested = self.preempted = False
+        self._stop_vote: torch.Tensor | None = None  # the ranks' previous stop vote (see _should_stop)
         self._install_signal_handlers()
         self._register_process()
 
@@ -294,6 +295,22 @@ class Trainer:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, request_stop)
 
+    def _should_stop(self, start_step: int) -> bool:
+        """Whether every rank stops at this step boundary (a signal reached one of them, or trainer.stop_after).
+        On an accelerator the ranks' vote is read one boundary late: reading it then waits only for the
+        previous step, whose successor is already queued, so the device never idles for it."""
+        acc, tcfg = self.accelerator, self.cfg.trainer
+        if tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after:
+            return True  # the same on every rank: no vote needed
+        if acc.num_processes == 1:
+            return self.stop_requested
+        # torch.full fills on the device (torch.tensor(x, device=...) would copy from the host and wait)
+        vote = acc.reduce(torch.full((), float(self.stop_requested), device=acc.device), "max")
+        if acc.device.type == "cpu":
+            return bool(vote)
+        previous, self._stop_vote = self._stop_vote, vote
+        return previous is not None and bool(previous)
+
     def _optimizer_step(self, loss_sum: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """Clip, judge, step: an update with a non-finite loss or gradient norm on any rank is skipped and
         counted (editflow/guard.py; without a host sync when the optimizer is fused AdamW)."""
@@ -401,9 +418,7 @@ class Trainer:
             if self.cfg.eval.get("every") and self.step % self.cfg.eval.every == 0 and self.step < tcfg.max_steps:
                 self.run_eval()  # its numbers go out with the next logged step
                 self.editor.train()
-            stop = self.stop_requested or bool(tcfg.get("stop_after") and self.step - start_step >= tcfg.stop_after)
-            # every rank must stop at the same step boundary, whichever of them got the signal
-            if bool(acc.reduce(torch.tensor(float(stop), device=acc.device), "max")) and self.step < tcfg.max_steps:
+            if self._should_stop(start_step) and self.step < tcfg.max_steps:
                 bar.close()
                 self.save_checkpoint()
                 log.warning("stopped at step %d with a checkpoint; resume with trainer.resume=auto", self.step)

@@ -93,6 +93,15 @@ class QwenVLConditioner(nn.Module):
         self, images: Sequence[Image.Image | None], instructions: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images may be None (text-to-image, or the image dropped for guidance): Qwen then reads text only."""
+        states, mask = self.encode(images, instructions)
+        return states, mask.to(self.device)
+
+    @torch.no_grad()
+    def encode(
+        self, images: Sequence[Image.Image | None], instructions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states on the model's device, right-padding mask on the CPU): the lengths are known without
+        reading anything back from the accelerator."""
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
         texts = [self.processor.apply_chat_template(self._messages(t, im is not None), tokenize=False)
@@ -100,16 +109,13 @@ class QwenVLConditioner(nn.Module):
         present = [im for im in images if im is not None]
         inputs = self.processor(text=texts, images=present or None, return_tensors="pt", padding=True,
                                 padding_side="right")
-        inputs = inputs.to(self.device)
         n = len(self.prefix_ids)
-        prefix = torch.tensor(self.prefix_ids, device=self.device)
-        if not torch.equal(inputs["input_ids"][:, :n], prefix.expand(len(texts), n)):
+        if not torch.equal(inputs["input_ids"][:, :n], torch.tensor(self.prefix_ids).expand(len(texts), n)):
             raise RuntimeError("Qwen chat template prefix differs between samples; cannot drop it")
-        out = self.model(**inputs, output_hidden_states=True, use_cache=False)
-        states = out.hidden_states[self.hidden_layer][:, n:]
         mask = inputs["attention_mask"][:, n:].bool()
-        if states.shape[1] > self.max_length:
+        if mask.shape[1] > self.max_length:
             raise ValueError(
-                f"conditioning is {states.shape[1]} tokens (image + instruction), over max_length={self.max_length}"
+                f"conditioning is {mask.shape[1]} tokens (image + instruction), over max_length={self.max_length}"
             )
-        return states, mask
+        out = self.model(**inputs.to(self.device), output_hidden_states=True, use_cache=False)
+        return out.hidden_states[self.hidden_layer][:, n:], mask
