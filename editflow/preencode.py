@@ -54,19 +54,30 @@ class ShardEncoder:
         self.data = cfg.data
         self.batch_size = cfg.encode.batch_size
 
-    def _encode_batch(self, url: str, samples: list, bucket: tuple[int, int]) -> list[dict]:
+    def _encode_batch(self, samples: list, bucket: tuple[int, int]) -> list[dict]:
         batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False))
-        try:
-            target, source = self.encoder.latents(batch["target"]), self.encoder.latents(batch["source"])
-            out = [{"target": target[j]} if source is None else {"target": target[j], "source": source[j]}
-                   for j in range(len(samples))]
-            for drop in [None, *self.drops]:
-                inputs = [drop_inputs(t, im, drop) for t, im in zip(batch["instruction"], batch["source_images"])]
-                for row, states in zip(out, self.encoder.states([im for _, im in inputs], [t for t, _ in inputs])):
-                    row[states_field(drop)] = states
-        except (ValueError, RuntimeError) as err:
-            raise RuntimeError(f"shard {url}, keys {batch['key']}: encoding failed: {err}") from err
+        target, source = self.encoder.latents(batch["target"]), self.encoder.latents(batch["source"])
+        out = [{"target": target[j]} if source is None else {"target": target[j], "source": source[j]}
+               for j in range(len(samples))]
+        for drop in [None, *self.drops]:
+            inputs = [drop_inputs(t, im, drop) for t, im in zip(batch["instruction"], batch["source_images"])]
+            for row, states in zip(out, self.encoder.states([im for _, im in inputs], [t for t, _ in inputs])):
+                row[states_field(drop)] = states
         return out
+
+    def _encode_or_reject(self, url: str, samples: list, bucket: tuple[int, int], rejected: Counter) -> list:
+        """Rows for `samples`; a sample the encoders refuse (e.g. conditioning over model.qwen.max_length)
+        is rejected and counted (None), the others encoded."""
+        try:
+            return self._encode_batch(samples, bucket)
+        except ValueError as err:
+            if len(samples) > 1:  # find which sample it was
+                return [row for s in samples for row in self._encode_or_reject(url, [s], bucket, rejected)]
+            rejected["unencodable"] += 1
+            log.warning("skipping sample: shard %s, key %s: %s", url, samples[0].key, err)
+            return [None]
+        except RuntimeError as err:
+            raise RuntimeError(f"shard {url}, keys {[s.key for s in samples]}: encoding failed: {err}") from err
 
     def _encoded(self, url: str, rejected: Counter):
         def decoded():
@@ -82,14 +93,15 @@ class ShardEncoder:
             groups: dict[tuple, list[int]] = {}
             for index, (bucket, _) in enumerate(chunk):
                 groups.setdefault(bucket, []).append(index)
-            tensors: dict[int, dict] = {}
+            tensors: dict[int, dict | None] = {}
             for bucket, indices in groups.items():
                 for start in range(0, len(indices), self.batch_size):
                     part = indices[start: start + self.batch_size]
-                    rows = self._encode_batch(url, [chunk[i][1] for i in part], bucket[:2])
-                    tensors.update(zip(part, rows))
+                    tensors.update(zip(part, self._encode_or_reject(url, [chunk[i][1] for i in part], bucket[:2],
+                                                                    rejected)))
             for index, (bucket, sample) in enumerate(chunk):  # the source shard's order
-                yield encoded_sample(sample.key, sample.meta, bucket[:2], tensors.pop(index))
+                if (row := tensors.pop(index)) is not None:
+                    yield encoded_sample(sample.key, sample.meta, bucket[:2], row)
 
     def __call__(self, url: str, path: Path) -> dict:
         rejected: Counter = Counter()

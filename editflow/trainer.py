@@ -23,10 +23,10 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
-from editflow.guard import NonFiniteGuard
 from editflow.encoding import FrozenEncoder, condition_dropout
-from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.eval import evaluate, sample_grid
+from editflow.guard import NonFiniteGuard
+from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.models.build import build_models, check_attention_backend, compile_blocks, keep_trainable_in_fp32
 from editflow.pipeline import EditPipeline
 from editflow.validate import check_world_size

@@ -115,25 +115,31 @@ def test_missing_dropout_states_are_named(tmp_path):
     assert result.returncode != 0 and "holds no Qwen states for dropping ['both']" in result.stderr
 
 
-def test_encode_resumes_keeps_finished_shards_and_rejects_bad_samples(tmp_path, monkeypatch):
+def rewrite_first_member(shard, suffix: str, change) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    target = next(m.name for m, _ in members if m.name.endswith(suffix))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == target:
+                data = change(data)
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_encode_resumes_keeps_finished_shards_and_rejects_bad_samples(tmp_path):
     from editflow.data.toy_shards import write_toy_shards
     from editflow.preencode import encode
 
     src = write_toy_shards(tmp_path / "src", 6, samples_per_shard=3, progress=False)
-    first = src / "toy-000000.tar"
-    with tarfile.open(first) as tar:  # corrupt one sample's target image
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    bad = next(m.name for m, _ in members if m.name.endswith(".tgt.png"))
-    with tarfile.open(first, "w") as tar:
-        for member, data in members:
-            if member.name == bad:
-                data = b"not a png"
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    rewrite_first_member(src / "toy-000000.tar", ".tgt.png", lambda data: b"not a png")
+    too_long = lambda data: json.dumps({**json.loads(data), "instruction": "paint it red " * 300}).encode()
+    rewrite_first_member(src / "toy-000001.tar", ".json", too_long)  # over model.qwen.max_length
     overrides = ["data=shards", f"data.train={src}", "data.bucket_base=64", f"encode.out={tmp_path / 'enc'}"]
     out = encode(compose(overrides)) / "train"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_samples"] == 5 and manifest["rejected"] == {"undecodable_image": 1}
+    assert manifest["num_samples"] == 4 and manifest["rejected"] == {"undecodable_image": 1, "unencodable": 1}
+    assert [e["count"] for e in manifest["shards"]] == [2, 2]
     kept = out / manifest["shards"][1]["file"]
     stamp = kept.stat().st_mtime_ns
     redo = out / manifest["shards"][0]["file"]
