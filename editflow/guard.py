@@ -3,7 +3,7 @@
 With fused AdamW the verdict stays on the accelerator: the optimizer's `found_inf` tensor makes the
 fused kernel skip the whole update (as torch's GradScaler uses it), so an optimizer step needs no host
 sync; the counters are read on logging steps, where a run of `max_in_row` skipped steps stops training.
-Other optimizers (bitsandbytes' 8-bit AdamW, DeepSpeed's) read the verdict on the host, once per
+Other optimizers (the 8-bit AdamWs, DeepSpeed's) read the verdict on the host, once per
 optimizer step. Either way the update is skipped and counted; the sync-free path still advances the
 lr schedule on a skipped step (the schedule counts optimizer steps taken or skipped).
 """

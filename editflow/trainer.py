@@ -35,14 +35,23 @@ log = logging.getLogger(__name__)
 
 
 def build_optimizer(params, ocfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW (fused kernels on CUDA), or bitsandbytes' 8-bit AdamW for the 24 GB mode."""
+    """AdamW (fused kernels), or an 8-bit AdamW for the 24 GB mode: bitsandbytes' (CUDA) or torchao's
+    (any device; block-wise 8-bit moments, small tensors kept in fp32)."""
     kwargs = dict(lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
-    if ocfg.get("name", "adamw") == "adamw8bit":
+    name = ocfg.get("name", "adamw")
+    if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("optim.name=adamw8bit needs bitsandbytes (pip install 'editflow[gpu]')") from None
+            raise ImportError("optim.name=adamw8bit needs bitsandbytes (pip install 'editflow[gpu]'); "
+                              "optim.name=adamw8bit_torchao needs only torchao") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if name == "adamw8bit_torchao":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise ImportError("optim.name=adamw8bit_torchao needs torchao (pip install 'editflow[gpu]')") from None
+        return AdamW8bit(params, **kwargs)
     # fused kernels (one launch for all tensors, and `found_inf` for skipping a step without a host sync)
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
@@ -385,7 +394,7 @@ class Trainer:
                 record = {
                     "step": self.step,
                     "loss": mean_loss,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "lr": float(self.lr_scheduler.get_last_lr()[0]),  # a tensor for some optimizers (torchao)
                     "grad_norm": float(grad_norm),
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                     "samples_seen": self.samples_seen,

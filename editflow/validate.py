@@ -33,8 +33,8 @@ def validate(cfg: DictConfig) -> None:
              f"must be a non-negative integer, got {o.warmup_steps!r}")
     _require(o.get("schedule", "cosine") in ("cosine", "constant"), "optim.schedule",
              f"expected cosine or constant, got {o.get('schedule')!r}")
-    _require(o.get("name", "adamw") in ("adamw", "adamw8bit"), "optim.name",
-             f"expected adamw or adamw8bit, got {o.get('name')!r}")
+    _require(o.get("name", "adamw") in ("adamw", "adamw8bit", "adamw8bit_torchao"), "optim.name",
+             f"expected adamw, adamw8bit or adamw8bit_torchao, got {o.get('name')!r}")
     obj = cfg.objective
     _require(obj.sigma_sampling in SIGMA_SAMPLING, "objective.sigma_sampling",
              f"expected one of {', '.join(SIGMA_SAMPLING)}, got {obj.sigma_sampling!r}")

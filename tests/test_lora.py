@@ -110,3 +110,28 @@ def test_comfyui_keys_are_the_same_adapter_at_real_width():
     assert {k[: -len(".lora_A.weight")] for k in back if k.endswith(".lora_A.weight")} == modules
     for key in sorted(modules):
         torch.testing.assert_close(delta(back, key), delta(lora, key) * alpha / rank, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_the_24gb_recipe_in_miniature_trains_and_resumes_exactly(tmp_path):
+    """experiment=lora_24gb's mechanisms on the tiny model: LoRA on an int8 base, gradient checkpointing,
+    8-bit AdamW (torchao, which runs on the CPU) and pre-encoded conditioning; stopped half-way and resumed,
+    the run ends where the uninterrupted one does."""
+    from test_encode import run_encode
+    from test_train import read_metrics, run_train
+
+    recipe = ["experiment=toy_lora", "model.base_quantization=int8", "model.gradient_checkpointing=true",
+              "optim.name=adamw8bit_torchao", "trainer.max_steps=8", "trainer.cache_encodings=false",
+              f"data.pre_encoded={tmp_path / 'enc'}"]
+    run_encode(tmp_path, *recipe, f"encode.out={tmp_path / 'enc'}")
+    entry = [sys.executable, "-m", "editflow.train"]
+    run_train(entry, tmp_path / "straight", tmp_path / "cache", *recipe)
+    run_train(entry, tmp_path / "resumed", tmp_path / "cache", *recipe, "trainer.stop_after=4", code=42)
+    run_train(entry, tmp_path / "resumed", tmp_path / "cache", *recipe, "trainer.resume=auto")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000008" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000008" / "model.safetensors")
+    assert any("lora_A" in k for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    earlier = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "model.safetensors")
+    assert any(not torch.equal(a[k], earlier[k]) for k in a if "lora_B" in k)  # the adapters train
+    losses = [m["loss"] for m in read_metrics(tmp_path / "straight")]
+    assert losses == [m["loss"] for m in read_metrics(tmp_path / "resumed")]
