@@ -28,7 +28,7 @@ from editflow.data.shards import write_manifest, write_shard
 from editflow.data.sources import train_sets
 from editflow.data.stream import bucket_of, collate_images, iter_tar
 from editflow.encoding import DROPS, FrozenEncoder, drop_inputs, states_field
-from editflow.models.build import build_codec, build_conditioner, torch_dtype
+from editflow.models.build import build_frozen
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # samples read ahead per shard, grouped by bucket into encoder batches
@@ -109,6 +109,16 @@ class ShardEncoder:
         return {**entry, "source": url, "rejected": dict(rejected)}
 
 
+def qwen_hidden_size(cfg: DictConfig) -> int:
+    """Width of the stored Qwen states (the connector's input), from the model's config file alone."""
+    from transformers import AutoConfig
+
+    from editflow.models.build import relocate_asset
+
+    config = AutoConfig.from_pretrained(relocate_asset(cfg.model.qwen.pretrained))
+    return int(getattr(config, "text_config", config).hidden_size)
+
+
 def _claim_directory(directory: Path, encoding: dict) -> None:
     """A set directory belongs to one encoding: resuming with other settings would mix two in one set."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -133,14 +143,13 @@ def encode(cfg: DictConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.encode.out).expanduser()
     drops = drops_to_store(cfg)
-    encoding = {"settings": encoding_settings(cfg), "drops": drops}
+    encoding = {"settings": encoding_settings(cfg), "drops": drops, "qwen_hidden_size": qwen_hidden_size(cfg)}
     with state.main_process_first():  # the main process makes the toy set and claims the directories
         sets = train_sets(data, progress=state.is_main_process)
         for shard_set in sets:
             _claim_directory(out / shard_set.name, encoding)
-    dtype = torch_dtype(cfg.model.get("frozen_dtype", cfg.model.get("dtype", "float32")))
-    conditioner = build_conditioner(cfg.model.qwen, dtype).to(state.device)
-    codec = build_codec(cfg.model.vae, dtype)
+    conditioner, codec = build_frozen(cfg.model)
+    conditioner.to(state.device)
     codec.vae.to(state.device)
     shard_encoder = ShardEncoder(FrozenEncoder(codec, conditioner), cfg, drops)
 

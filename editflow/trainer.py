@@ -27,7 +27,8 @@ from editflow.encoding import FrozenEncoder, condition_dropout
 from editflow.eval import evaluate, sample_grid
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
-from editflow.models.build import build_models, check_attention_backend, compile_blocks, keep_trainable_in_fp32
+from editflow.models.build import (build_frozen, build_models, check_attention_backend, compile_blocks,
+                                   keep_trainable_in_fp32)
 from editflow.pipeline import EditPipeline
 from editflow.validate import check_world_size
 
@@ -112,10 +113,10 @@ class Trainer:
             self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
                 dcfg.kind == "toy" else []
         pre_encoded = check_pre_encoded(sets, cfg)
+        # Pre-encoded data: Qwen and the VAE serve only evaluation; they are loaded then, into host memory.
+        qwen_dim = sets[0].encoding.get("qwen_hidden_size") if pre_encoded else None
         with frozen_models_unpartitioned(acc):
-            models = build_models(cfg.model, seed=tcfg.seed, training=True)
-        # Pre-encoded data: Qwen and the VAE serve only evaluation and stay in host memory.
-        (models.editor if pre_encoded else models).to(acc.device)
+            models = build_models(cfg.model, seed=tcfg.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
@@ -447,6 +448,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ end of run
     def pipeline(self) -> EditPipeline:
+        if self.conditioner is None:  # trained on pre-encoded data: the frozen models are needed only now
+            with frozen_models_unpartitioned(self.accelerator):
+                self.conditioner, self.codec = build_frozen(self.cfg.model)
         return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler)
 
     def finish(self) -> dict:

@@ -89,7 +89,19 @@ def test_training_on_pre_encoded_data_follows_the_on_the_fly_run(encoded):
     for key in wa:
         moved = (wa[key] - start[key]).abs().max()
         assert (wa[key] - wb[key]).abs().max() <= 1e-3 * moved + 1e-7, key
-    assert (stored / "eval.json").exists()  # evaluation still runs (Qwen and the VAE kept in host memory)
+    assert (stored / "eval.json").exists()  # evaluation still runs (Qwen and the VAE loaded for it)
+
+
+def test_pre_encoded_training_loads_qwen_and_the_vae_only_for_evaluation(encoded, monkeypatch, tmp_path):
+    from editflow.trainer import Trainer
+
+    monkeypatch.setenv("EDITFLOW_CACHE", str(encoded / "cache"))
+    cfg = compose([*QUICK, *DROPS, f"data.pre_encoded={encoded / 'enc'}", "logging.wandb=false"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.conditioner is None and trainer.codec is None
+    assert trainer.editor.connector.sizes["qwen_dim"] == 64  # from the encoding's record (tiny Qwen)
+    pipe = trainer.pipeline()
+    assert trainer.conditioner is not None and pipe.conditioner is trainer.conditioner
 
 
 def test_a_run_with_other_settings_or_dropout_is_refused(encoded, monkeypatch):

@@ -115,14 +115,15 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
 @dataclasses.dataclass
 class Models:
     editor: KontextEditor  # trainable: connector + transformer
-    conditioner: QwenVLConditioner  # frozen
-    codec: LatentCodec  # frozen
+    conditioner: QwenVLConditioner | None  # frozen; None until needed when training on pre-encoded data
+    codec: LatentCodec | None  # frozen, likewise
     scheduler: FlowMatchEulerDiscreteScheduler
 
     def to(self, device) -> "Models":
         self.editor.to(device)
-        self.conditioner.to(device)
-        self.codec.vae.to(device)
+        if self.conditioner is not None:
+            self.conditioner.to(device)
+            self.codec.vae.to(device)
         return self
 
 
@@ -219,21 +220,28 @@ def check_attention_backend(editor: KontextEditor, device, dtype: torch.dtype) -
                                f"{dtype}: {err}") from err
 
 
-def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_adapter: bool = True) -> Models:
+def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_adapter: bool = True,
+                 qwen_dim: int | None = None) -> Models:
     """All components of `cfg` (a `model/` config node), on the CPU; the caller moves them.
 
     With model.trainable=lora the adapter is part of the structure (a LoRA checkpoint loads into it),
-    unless `lora_adapter=False` (an exported LoRA file is then loaded by diffusers' own loader)."""
+    unless `lora_adapter=False` (an exported LoRA file is then loaded by diffusers' own loader).
+    Given `qwen_dim` (training on pre-encoded data), Qwen and the VAE are not loaded: `build_frozen`
+    makes them when they are needed."""
     weights_dtype = torch_dtype(cfg.get("dtype", "float32"))
-    frozen_dtype = torch_dtype(cfg.get("frozen_dtype", cfg.get("dtype", "float32")))
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
     transformer = build_transformer(cfg.transformer, weights_dtype)
     backends = configure_transformer(transformer, cfg, training, lora_adapter)
-    conditioner = build_conditioner(cfg.qwen, frozen_dtype)
-    connector = build_connector(cfg.connector, conditioner.hidden_size, transformer).to(weights_dtype)
-    codec = build_codec(cfg.vae, frozen_dtype)
+    conditioner, codec = (None, None) if qwen_dim else build_frozen(cfg)
+    connector = build_connector(cfg.connector, qwen_dim or conditioner.hidden_size, transformer).to(weights_dtype)
     editor = KontextEditor(transformer, connector, attention_backend=backends)
     return Models(editor, conditioner, codec, build_scheduler())
+
+
+def build_frozen(cfg: DictConfig) -> tuple[QwenVLConditioner, LatentCodec]:
+    """The frozen Qwen2.5-VL conditioner and VAE codec of a `model/` config node, on the CPU."""
+    frozen_dtype = torch_dtype(cfg.get("frozen_dtype", cfg.get("dtype", "float32")))
+    return build_conditioner(cfg.qwen, frozen_dtype), build_codec(cfg.vae, frozen_dtype)
 
 
 def configure_transformer(transformer: FluxTransformer2DModel, cfg: DictConfig, training: bool,
