@@ -119,6 +119,11 @@ def qwen_hidden_size(cfg: DictConfig) -> int:
     return int(getattr(config, "text_config", config).hidden_size)
 
 
+def encoded_shard_name(index: int, url: str) -> str:
+    """The encoded shard of a set's `index`-th source shard (the index keeps same-named shards apart)."""
+    return f"{index:06d}-{os.path.basename(url)}"
+
+
 def _claim_directory(directory: Path, encoding: dict) -> None:
     """A set directory belongs to one encoding: resuming with other settings would mix two in one set."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -157,7 +162,7 @@ def encode(cfg: DictConfig) -> Path:
     mine = jobs[state.process_index:: state.num_processes]
     bar = tqdm(mine, desc=f"encode -> {out}", unit="shard", disable=not state.is_main_process, dynamic_ncols=True)
     for shard_set, index, url in bar:
-        path = out / shard_set.name / f"{index:06d}-{os.path.basename(url)}"
+        path = out / shard_set.name / encoded_shard_name(index, url)
         done = Path(f"{path}.done.json")
         if done.exists() and path.exists():  # finished by an earlier, interrupted encode
             continue
@@ -170,7 +175,7 @@ def encode(cfg: DictConfig) -> Path:
     if state.is_main_process:
         for shard_set in sets:
             directory = out / shard_set.name
-            entries = [json.loads(Path(f"{directory / f'{i:06d}-{os.path.basename(u)}'}.done.json").read_text())
+            entries = [json.loads(Path(f"{directory / encoded_shard_name(i, u)}.done.json").read_text())
                        for i, u in enumerate(shard_set.urls)]
             rejected = sum((Counter(e["rejected"]) for e in entries), Counter())
             write_manifest(directory, {"shards": entries, "num_samples": sum(e["count"] for e in entries),
@@ -182,6 +187,8 @@ def encode(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from accelerate import PartialState
+
     from editflow.config import compose
     from editflow.validate import validate
 
@@ -189,8 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose(sys.argv[1:] if argv is None else argv)
     validate(cfg)
     out = encode(cfg)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
 

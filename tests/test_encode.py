@@ -9,7 +9,6 @@ import tarfile
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from editflow.config import compose
