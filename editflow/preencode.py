@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from editflow.data.encoded import encoded_sample, encoding_settings
+from editflow.data.encoded import drawn_drops, encoded_sample, encoding_settings
 from editflow.data.samples import SampleError, decode_sample
 from editflow.data.shards import write_manifest, write_shard
 from editflow.data.sources import train_sets
@@ -38,8 +38,7 @@ def drops_to_store(cfg: DictConfig) -> list[str]:
     """The condition-dropout outcomes whose Qwen states are stored: the run's (auto) or an explicit list."""
     spec = cfg.encode.get("drops", "auto")
     if spec == "auto":
-        o = cfg.objective
-        return [d for d, p in (("text", o.drop_text), ("image", o.drop_image), ("both", o.drop_both)) if p > 0]
+        return drawn_drops(cfg.objective)
     unknown = [d for d in spec if d not in DROPS or d is None]
     if unknown:
         raise ValueError(f"encode.drops: unknown outcome(s) {unknown}; expected auto or a list of text, image, both")

@@ -174,9 +174,9 @@ def test_bad_encoded_sample_names_shard_key_and_field():
 def test_two_processes_split_the_shards_and_write_the_same_data(encoded):
     env = dict(os.environ, EDITFLOW_CACHE=str(encoded / "cache"), HF_HUB_OFFLINE="1")
     config = os.path.join(os.path.dirname(__file__), "..", "launch", "accelerate", "cpu_2proc.yaml")
-    result = subprocess.run(["accelerate", "launch", "--config_file", config, "-m", "editflow.preencode", *QUICK, *DROPS,
-                             "encode.batch_size=3", f"encode.out={encoded / 'enc2'}"], env=env, capture_output=True,
-                            text=True, timeout=600)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    result = subprocess.run([*launch, "-m", "editflow.preencode", *QUICK, *DROPS, "encode.batch_size=3",
+                             f"encode.out={encoded / 'enc2'}"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((encoded / "enc" / "toy" / "manifest.json").read_text())
     two = json.loads((encoded / "enc2" / "toy" / "manifest.json").read_text())

@@ -64,14 +64,18 @@ def encoding_settings(cfg: DictConfig) -> dict:
     }
 
 
+def drawn_drops(objective) -> list[str]:
+    """The condition-dropout outcomes a run's `objective` draws (those with a probability above 0)."""
+    return [d for d in ("text", "image", "both") if objective.get(f"drop_{d}", 0) > 0]
+
+
 def check_pre_encoded(sets: list, cfg: DictConfig) -> bool:
     """Whether the training sets are pre-encoded; refuses sets encoded with settings other than this run's,
     or without the Qwen states of a condition-dropout outcome the run draws."""
     if not any(s.encoding for s in sets):
         return False
     current = encoding_settings(cfg)
-    o = cfg.objective
-    needed = [d for d, p in (("text", o.drop_text), ("image", o.drop_image), ("both", o.drop_both)) if p > 0]
+    needed = drawn_drops(cfg.objective)
     for s in sets:
         where = f"data.pre_encoded set {s.name!r} ({os.path.dirname(s.urls[0])})"
         if s.encoding is None:
