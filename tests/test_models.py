@@ -57,8 +57,8 @@ def test_conditioner_drops_template_prefix_and_masks_padding(tiny_models):
         torch.testing.assert_close(states[i, : lengths[i]], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_padding_does_not_change_a_sample_output(tiny_models):
-    editor = tiny_models.editor.eval()
+def _padding_gap(editor) -> float:
+    """Largest difference between a sample's output in a padded batch and alone."""
     torch.manual_seed(0)
     short, long = torch.randn(5, 64), torch.randn(9, 64)
     states, mask = pad_states([short, long])
@@ -67,7 +67,11 @@ def test_padding_does_not_change_a_sample_output(tiny_models):
     with torch.no_grad():
         batched = editor(noisy, source, states, mask, sigma, guidance)
         alone = editor(noisy[:1], source[:1], short[None], torch.ones(1, 5, dtype=torch.bool), sigma[:1], guidance[:1])
-    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-4)
+    return (batched[:1] - alone).abs().max().item()
+
+
+def test_padding_does_not_change_a_sample_output(tiny_models):
+    assert _padding_gap(tiny_models.editor.eval()) < 1e-5
 
 
 def test_sampler_matches_diffusers_flux_kontext_pipeline(tiny_models):
@@ -101,18 +105,6 @@ def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
 def test_bad_size_is_refused(tiny_models):
     with pytest.raises(ValueError, match="multiples of 16"):
         EditPipeline.from_models(tiny_models)(make_edit(0).source, "x", height=40, width=64)
-
-
-def _padding_gap(editor) -> float:
-    torch.manual_seed(0)
-    short, long = torch.randn(5, 64), torch.randn(9, 64)
-    states, mask = pad_states([short, long])
-    noisy, source = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    sigma, guidance = torch.tensor([0.3, 0.7]), torch.ones(2)
-    with torch.no_grad():
-        batched = editor(noisy, source, states, mask, sigma, guidance)
-        alone = editor(noisy[:1], source[:1], short[None], torch.ones(1, 5, dtype=torch.bool), sigma[:1], guidance[:1])
-    return (batched[:1] - alone).abs().max().item()
 
 
 def test_token_refiner_keeps_padding_invisible(tiny_model_cfg):
