@@ -37,7 +37,7 @@ from editflow.guard import NonFiniteGuard
 from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
                                    keep_trainable_in_fp32, torch_dtype)
 from editflow.models.editor import KontextEditor
-from editflow.throughput import PEAK_BF16_TFLOPS
+from editflow.throughput import device_peak_tflops
 
 RESULTS = Path("bench") / "results"  # relative to where the command runs (the repo root in the README)
 
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     peak = measure_peak_tflops(device, dtype if device.type == "cuda" else torch.float32)
     result = {"device": device_name(device), "date": datetime.date.today().isoformat(),
               "command": "editflow bench train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "train"] else []),
-              "peak_tflops": peak, "peak_tflops_spec": _spec_peak(device),
+              "peak_tflops": peak, "peak_tflops_spec": device_peak_tflops() if device.type == "cuda" else None,
               "setup": {"model": cfg.model.name, "resolution": args.resolution, "batch": args.batch,
                         "text_tokens": args.text_tokens, "steps": args.steps, "warmup": args.warmup,
                         "layers": arch["num_layers"], "single_layers": arch["num_single_layers"],
@@ -239,13 +239,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     if "editflow" in result and "reference" in result:
         result["speedup"] = result["editflow"]["samples_per_s"] / result["reference"]["samples_per_s"]
     return result
-
-
-def _spec_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in PEAK_BF16_TFLOPS.items() if fragment in name), None)
 
 
 def default_out(result: dict) -> Path:

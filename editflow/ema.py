@@ -10,7 +10,6 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, device: str | None = None):
         self.decay = decay
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.device = device
         params = dict(model.named_parameters())
         self.shadow = [params[n].detach().to(device or params[n].device, torch.float32, copy=True) for n in self.names]
 
@@ -33,9 +32,3 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, name in enumerate(self.names):
             self.shadow[i].copy_(state[name])
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, shadow in zip(self.names, self.shadow):
-            params[name].copy_(shadow)

@@ -43,6 +43,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(DIR) looks for
 
+
 class EditPipeline:
     """`pipe(image, instruction, ...)` -> edited images, like diffusers' FluxKontextPipeline."""
 

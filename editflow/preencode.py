@@ -108,16 +108,6 @@ class ShardEncoder:
         return {**entry, "source": url, "rejected": dict(rejected)}
 
 
-def qwen_hidden_size(cfg: DictConfig) -> int:
-    """Width of the stored Qwen states (the connector's input), from the model's config file alone."""
-    from transformers import AutoConfig
-
-    from editflow.models.build import relocate_asset
-
-    config = AutoConfig.from_pretrained(relocate_asset(cfg.model.qwen.pretrained))
-    return int(getattr(config, "text_config", config).hidden_size)
-
-
 def encoded_shard_name(index: int, url: str) -> str:
     """The encoded shard of a set's `index`-th source shard (the index keeps same-named shards apart)."""
     return f"{index:06d}-{os.path.basename(url)}"
@@ -147,14 +137,15 @@ def encode(cfg: DictConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.encode.out).expanduser()
     drops = drops_to_store(cfg)
-    encoding = {"settings": encoding_settings(cfg), "drops": drops, "qwen_hidden_size": qwen_hidden_size(cfg)}
+    conditioner, codec = build_frozen(cfg.model)
+    conditioner.to(state.device)
+    codec.vae.to(state.device)
+    # qwen_hidden_size: the connector's input width, so training need not load Qwen to build it
+    encoding = {"settings": encoding_settings(cfg), "drops": drops, "qwen_hidden_size": conditioner.hidden_size}
     with state.main_process_first():  # the main process makes the toy set and claims the directories
         sets = train_sets(data, progress=state.is_main_process)
         for shard_set in sets:
             _claim_directory(out / shard_set.name, encoding)
-    conditioner, codec = build_frozen(cfg.model)
-    conditioner.to(state.device)
-    codec.vae.to(state.device)
     shard_encoder = ShardEncoder(FrozenEncoder(codec, conditioner), cfg, drops)
 
     jobs = [(s, i, url) for s in sets for i, url in enumerate(s.urls)]

@@ -103,7 +103,7 @@ def test_pre_encoded_training_loads_qwen_and_the_vae_only_for_evaluation(encoded
     assert trainer.conditioner is not None and pipe.conditioner is trainer.conditioner
 
 
-def test_a_run_with_other_settings_or_dropout_is_refused(encoded, monkeypatch):
+def test_a_run_with_other_settings_is_refused(encoded, monkeypatch):
     monkeypatch.setenv("EDITFLOW_CACHE", str(encoded / "cache"))
     cfg = compose([*QUICK, *DROPS, f"data.pre_encoded={encoded / 'enc'}"])
     assert check_pre_encoded(train_sets(cfg.data), cfg)
