@@ -23,6 +23,7 @@ second read stops after the last member still needed, so a resumed conversion ho
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import heapq
 import io
 import posixpath
@@ -141,15 +142,17 @@ def _members(archive: ArchiveSet, read: Callable[[str], bool], on_bytes: Callabl
              ) -> Iterator[tuple[str, int, bytes | None]]:
     """(name, size, data if `read(name)` else None) of every regular file of `archive`, in archive order.
 
-    A single plain tar is opened seekable (headers only are read for members not wanted); anything else
-    is a stream. Read failures become one DataError naming the archive, the part and the last member."""
+    A single plain tar is opened seekable (members not wanted are skipped by seeking); anything else is
+    a stream, gzip decoded by `gzip.GzipFile`, which checks the stream's CRC (tarfile's own gzip reader
+    does not). Damage anywhere becomes one DataError naming the archive, the part and the last member."""
     reader = None
     if len(archive.parts) == 1 and not archive.gzip:
         tar = tarfile.open(archive.parts[0], "r:")
         position = lambda: tar.offset  # noqa: E731
     else:
         reader = PartsReader(archive.parts)
-        tar = tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|gz" if archive.gzip else "r|")
+        stream = io.BufferedReader(reader, 1 << 20)
+        tar = tarfile.open(fileobj=gzip.GzipFile(fileobj=stream) if archive.gzip else stream, mode="r|")
         position = lambda: reader.position  # noqa: E731
     last, reported = "(none: the archive's start)", 0
     try:
@@ -162,14 +165,26 @@ def _members(archive: ArchiveSet, read: Callable[[str], bool], on_bytes: Callabl
                 now = position()
                 on_bytes(now - reported)
                 reported = now
+            if not _rest_is_padding(tar, seekable=reader is None):
+                raise tarfile.ReadError(f"unreadable member header at byte {tar.offset} of the tar")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        where = f"part {reader.part} at byte {reader.position}" if reader else f"{archive.parts[0]}"
+        where = f"part {reader.part} near byte {reader.position}" if reader else f"{archive.parts[0]}"
         raise DataError(f"{archive.name}: cannot read the archive ({type(err).__name__}: {err}) in {where}, after "
                         f"member {last}. The download is incomplete or corrupted: download the archive (or that "
                         "part) again and rerun; finished shards are kept.") from None
     finally:
         if reader is not None:
             reader.close()
+
+
+def _rest_is_padding(tar: tarfile.TarFile, seekable: bool) -> bool:
+    """tarfile ends its member list quietly at a damaged header: only zeros may follow the last member."""
+    if seekable:
+        tar.fileobj.seek(tar.offset)
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
 
 
 @dataclasses.dataclass

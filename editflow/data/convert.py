@@ -446,7 +446,8 @@ class _Job:
             bar.set_postfix_str(f"{converted} records, {converted / max(time.time() - start, 1e-9):.1f} records/s",
                                 refresh=False)
 
-        stream = zip(positions, assembly.records(attach, bar.update))
+        # records first: zip then exhausts the read, which ends it (scratch removed, peaks known)
+        stream = ((p, r) for r, p in zip(assembly.records(attach, bar.update), positions))
         with bar, _Pool(self.workers) as pool:
             inflight = collections.deque()
             for batch in _batches(stream, per_shard):

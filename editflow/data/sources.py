@@ -63,34 +63,70 @@ def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
     return resolve_urls(spec)
 
 
-def set_names(cfg: DictConfig) -> list[tuple[str, float]]:
-    """(name, weight) of each training set, as `train_sets` names them."""
+def set_names(cfg: DictConfig) -> list[tuple[str, float | None]]:
+    """(name, explicit weight or None) of each training set, as `train_sets` names them."""
     spec = cfg.get("train")
     if cfg.kind == "toy" or isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
         return [("toy" if cfg.kind == "toy" else "train", 1.0)]
-    return [(str(name), float(node.get("weight", 1.0))) for name, node in spec.items()]
+    named = []
+    for name, node in spec.items():
+        weight = node.get("weight") if hasattr(node, "get") else None
+        if weight is not None and not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
+            raise ValueError(f"data.train.{name}.weight: expected a number >= 0 or null (null: the set's share of all "
+                             f"samples), got {weight!r}")
+        named.append((str(name), None if weight is None else float(weight)))
+    return named
+
+
+def set_size(directories) -> int | None:
+    """Samples in a set's shard directories, from their manifests (None when one has no count: tar paths)."""
+    total = 0
+    for item in [directories] if isinstance(directories, (str, os.PathLike)) else list(directories):
+        count = read_manifest(Path(str(item)).expanduser()).get("num_samples")
+        if count is None:
+            return None
+        total += count
+    return total
+
+
+def mixture(named: list[tuple[str, float | None]], sizes: list[int | None]) -> list[float]:
+    """The mixing weights: an explicit weight as given; a set without one gets its share of all samples,
+    so leaving every weight out draws each sample equally often (the natural mixture)."""
+    known = sum(size for size in sizes if size)
+    weights = []
+    for (name, weight), size in zip(named, sizes):
+        if weight is None and size is None:
+            raise ValueError(f"data.train.{name}: no weight, and its size is unknown (no manifest.json with "
+                             f"num_samples: given as tar files?): give data.train.{name}.weight")
+        weights.append(weight if weight is not None else size / known if known else 0.0)
+    if not any(weights):
+        raise ValueError(f"data.train: every set has weight 0 or no samples ({', '.join(n for n, _ in named)})")
+    return weights
 
 
 def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
     """The training sets as `editflow encode` wrote them under `data.pre_encoded` (same names and weights)."""
     root = Path(str(cfg.pre_encoded)).expanduser()
-    sets = []
-    for name, weight in set_names(cfg):
+    named, manifests = set_names(cfg), []
+    for name, _ in named:
         manifest = read_manifest(root / name)
         if "encoding" not in manifest:
             raise FileNotFoundError(f"data.pre_encoded={root}: no finished encoding of set {name!r} (no "
                                     f"{root / name}/manifest.json); run `editflow encode encode.out={root}` with "
                                     "this run's overrides")
-        sets.append(ShardSet(name, shard_urls(root / name), weight, encoding=manifest["encoding"]))
-    return sets
+        manifests.append(manifest)
+    weights = mixture(named, [m.get("num_samples") for m in manifests])
+    return [ShardSet(name, shard_urls(root / name), weight, encoding=manifest["encoding"])
+            for (name, _), weight, manifest in zip(named, weights, manifests)]
 
 
 def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
     """The weighted shard sets to mix for training.
 
     `data.train` is a directory, a list of them, or a mapping name -> {path(s), weight}
-    (e.g. the three GPT-IMAGE-EDIT origins, or text-to-image next to edits). With `data.pre_encoded`
-    the same sets come from `editflow encode`'s output instead.
+    (e.g. the three GPT-IMAGE-EDIT origins, or text-to-image next to edits); a set without a weight is
+    drawn in proportion to its size. With `data.pre_encoded` the same sets come from `editflow
+    encode`'s output instead.
     """
     if cfg.get("pre_encoded"):
         return encoded_sets(cfg)
@@ -101,5 +137,7 @@ def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
         raise ValueError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
     if isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
         return [ShardSet("train", resolve_urls(spec), encoding=recorded_encoding(spec))]
+    named = set_names(cfg)
+    weights = mixture(named, [set_size(spec[name].path) for name, _ in named])
     return [ShardSet(name, resolve_urls(spec[name].path), weight, encoding=recorded_encoding(spec[name].path))
-            for name, weight in set_names(cfg)]
+            for (name, _), weight in zip(named, weights)]
