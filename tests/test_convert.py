@@ -11,6 +11,7 @@ from PIL import Image
 from editflow.data.convert import Validation, convert, verify
 from editflow.data.loader import read_samples
 from editflow.data.shards import shard_urls
+from editflow.data.tokens import budget_from_model
 
 
 def save(path, size=(300, 300), mode="RGB", fmt=None, color=(200, 30, 30)):
@@ -157,4 +158,23 @@ def test_user_jsonl_with_custom_keys_via_cli(tmp_path):
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     [sample] = read_samples(shard_urls(tmp_path / "out"))
-    assert sample.key == "x_1" and sample.instruction == "brighter"
+    assert sample.key.startswith("x_1-") and sample.meta["id"] == "x.1" and sample.instruction == "brighter"
+    # the default model's tokenizer is not on this offline machine: said, and the conversion goes on
+    assert "note: instruction tokens are not counted: cannot count instruction tokens: the tokenizer of " \
+           "model.qwen.pretrained='Qwen/Qwen2.5-VL-7B-Instruct' does not load" in result.stderr
+
+
+def test_instructions_over_the_token_budget_are_counted(tmp_path):
+    """The budget of the model config (tiny: max_length 512 minus the template and its 64 image tokens)."""
+    budget = budget_from_model(["model=tiny"])
+    assert budget.with_image == 512 - 64 - 4 and budget.text_only == 512 - 2
+    save(tmp_path / "a.png"); save(tmp_path / "b.png")
+    long = " ".join(f"word{i}" for i in range(200))
+    assert budget.count(long) > budget.with_image
+    records = [{"source": "a.png", "target": "b.png", "instruction": text} for text in ("short", long)]
+    records.append({"target": "b.png", "instruction": long})  # text-to-image: the larger budget
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = convert("jsonl", [tmp_path / "m.jsonl"], tmp_path / "out", progress=False, tokens=budget)
+    assert manifest["num_samples"] == 3 and manifest["over_token_budget"] == 1 + (budget.count(long) > 510)
+    location, tokens, limit = manifest["token_examples"][0]
+    assert location == f"{tmp_path / 'm.jsonl'}:2" and tokens == budget.count(long) and limit == budget.with_image

@@ -184,6 +184,8 @@ def user_fields(source_key: str = "source", target_key: str = "target", instruct
         target, sources = _image_names(raw, (target_key,)), _image_names(raw, (source_key,))
         instruction = _text(raw, (instruction_key,))
         _require(**{f"{target_key!r} field": target, f"{instruction_key!r} field": instruction})
+        if len(target) > 1:
+            raise Bad("bad_field", f"field {target_key!r} names {len(target)} images, expected one")
         meta = {k: v for k, v in raw.items() if k not in (source_key, target_key, instruction_key)}
         return Fields(target[0], instruction, sources, _record_id(raw, (id_key,)), meta)
 

@@ -113,6 +113,9 @@ def _list_records(name: str, data: bytes) -> Iterator[Item]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
+            if not text[err.pos:].strip():
+                raise DataError(f"{name}: the file ends inside record {number + 1} of the JSON list: it is truncated; "
+                                "re-download it.") from None
             raise DataError(f"{name}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg}), in record "
                             f"{number + 1} of the list; a JSON list cannot be read past a syntax error: fix or "
                             "re-download the file.") from None
