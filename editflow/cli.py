@@ -78,6 +78,9 @@ def _data(argv: list[str]) -> None:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -126,6 +129,9 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"archives read in place: {size(a['bytes'])}, {a['members']} members; images held until their record "
               f"was complete: at most {size(a['peak_memory'])} in memory (--memory-budget {size(a['memory_budget'])}) "
               f"and {size(a['peak_scratch'])} in {args.out}/.scratch (removed)")
+        if a["unused_members"]:
+            print(f"{a['unused_members']} archive members are used by no record (e.g. {a['unused_example']}): "
+                  "a task's metadata missing from the archives?")
 
 
 def _encode(argv: list[str]) -> None:

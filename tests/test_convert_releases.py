@@ -77,7 +77,7 @@ def test_gpt_image_edit_from_split_archives_with_metadata_last(tmp_path):
     assert_pairs(tmp_path / "out", expected_from(all_members(4)))
     stats = manifest["archives"]
     assert stats["peak_memory"] <= budget and stats["peak_scratch"] > 0
-    assert [stats["peak_memory"], stats["peak_scratch"]] == stats["predicted_peaks"]
+    assert [stats["peak_memory"], stats["peak_scratch"]] == stats["predicted_peaks"] and stats["unused_members"] == 0
     assert not (tmp_path / "out" / ".scratch").exists()
     first = json.loads(raw_samples(tmp_path / "out")["hqedit_edit_00000000"]["json"])
     assert first["origin"] == f"{download / 'gpt-edit' / 'hqedit.tar.gz'}:hqedit/edit/metadata/hqedit_edit.json:1"

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tarfile
 import threading
 import time
@@ -256,6 +258,7 @@ def _exit_with_parent() -> None:
     """Pool initializer: a worker exits as soon as the process that started it is gone, so kill -9 of the
     conversion leaves no worker blocked forever on the job pipe."""
     parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; workers follow it out
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -417,6 +420,12 @@ class _Job:
         timeline = Timeline.of([ordered[p] for p in positions], members_of)
         peak_memory, peak_disk = peak_hold(index, timeline, budget)
         self._check_space(peak_disk, sum(index.sizes[m] for m in timeline.release), budget)
+        if self.progress:
+            size_of = lambda n: tqdm.format_sizeof(n, "B", 1024)  # noqa: E731
+            tqdm.write(f"{len(positions)} records to convert; read 2/2 will hold at most {size_of(peak_memory)} of "
+                       f"images in memory and {size_of(peak_disk)} in {self.out / SCRATCH}", file=sys.stderr)
+        used = {m for record in ordered for m in record.members.values()}
+        unused = [n for m, n in enumerate(index.names) if m not in used and not (found.embedded and found.embedded(n))]
         assembly = Assembly(index, timeline, budget, self.out / SCRATCH)
         last_of_shard = lambda s: min((s + 1) * per_shard, len(ordered)) - 1  # noqa: E731
         writers: dict[int, tuple[ShardWriter, ShardTally]] = {}
@@ -459,6 +468,7 @@ class _Job:
                 write(*inflight.popleft())
         return {"ids_reused": registry.ids_reused,
                 "archives": {"files": [a.name for a in found.archives], "bytes": size, "members": len(index.names),
+                             "unused_members": len(unused), "unused_example": unused[0] if unused else None,
                              "memory_budget": budget, "peak_memory": assembly.peak_memory,
                              "peak_scratch": assembly.peak_disk, "predicted_peaks": [peak_memory, peak_disk]}}
 
@@ -471,7 +481,7 @@ class _Job:
         if scratch + shards > free:
             tqdm.write(f"warning: the shards will take about {shards / 2**30:.1f} GiB (plus up to "
                        f"{scratch / 2**30:.1f} GiB of scratch) but {self.out} has {free / 2**30:.1f} GiB free; the "
-                       "conversion stops when the disk is full (finished shards are kept).")
+                       "conversion stops when the disk is full (finished shards are kept).", file=sys.stderr)
 
 
 def _batches(stream, per_shard: int):
