@@ -89,8 +89,9 @@ def sharegpt4o_release(root: Path, extracted: bool = False) -> dict:
     two edit tar parts (an edit's input in part 1, its output in part 2) and one text-to-image part."""
     t2i = [{"input_prompt": f"a picture of thing {n}", "output_image": f"image/{n}.png",
             "output_image_resolution": [300, 300]} for n in range(3)]
-    edits = [{"input_prompt": f"edit {n}", "input_image": [f"image/v2v_{n}_in.png"], "output_image": f"image/v2v_{n}.png",
-              "input_image_resolution": [[300, 300]], "output_image_resolution": [300, 300]} for n in range(3)]
+    edits = [{"input_prompt": f"edit {n}", "input_image": [f"image/v2v_{n}_in.png"],
+              "output_image": f"image/v2v_{n}.png", "input_image_resolution": [[300, 300]],
+              "output_image_resolution": [300, 300]} for n in range(3)]
     edits[1]["input_image"].append("image/v2v_1_in2.png")
     edits[2]["input_image"] = []  # an edit record with no input: text-to-image after all
     images = {f"image/{n}.png": png(100 + n) for n in range(3)}

@@ -178,3 +178,15 @@ def test_instructions_over_the_token_budget_are_counted(tmp_path):
     assert manifest["num_samples"] == 3 and manifest["over_token_budget"] == 1 + (budget.count(long) > 510)
     location, tokens, limit = manifest["token_examples"][0]
     assert location == f"{tmp_path / 'm.jsonl'}:2" and tokens == budget.count(long) and limit == budget.with_image
+
+
+def test_exif_rotated_photos_are_stored_upright(tmp_path):
+    """The training decoder ignores EXIF: a phone photo tagged 'rotate 90' is stored with its pixels turned."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to view
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(tmp_path / "photo.jpg", exif=exif)
+    save(tmp_path / "edited.png", size=(300, 400))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"source": "photo.jpg", "target": "edited.png", "instruction": "x"}))
+    convert("jsonl", [tmp_path / "m.jsonl"], tmp_path / "out", progress=False)
+    [sample] = read_samples(shard_urls(tmp_path / "out"))
+    assert sample.source.size == (300, 400) and sample.meta["source_size"] == [300, 400]

@@ -92,7 +92,8 @@ def test_verify_names_stray_shards_and_refuses_an_empty_manifest(tmp_path):
     (b"id,source,target\n1,a.png,b.png\n", r"is not JSON metadata: it starts with b'id,source"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "is not JSON metadata"),
     (b'{\n  "source": "a.png",\n  "target": "b.png"\n}\n', "holds a pretty-printed JSON object, not records"),
-    (b'[{"source": "a.png", "target": "b.png", "instruction": "x"},\n {"source": "a.png"', "ends inside record 2 of the JSON list: it is truncated"),
+    (b'[{"source": "a.png", "target": "b.png", "instruction": "x"},\n {"source": "a.png"',
+     "ends inside record 2 of the JSON list: it is truncated"),
     ('[{"x": 1}]'.encode("utf-16"), "is UTF-16-encoded; metadata must be UTF-8"),
 ])
 def test_metadata_files_that_cannot_be_read_fail_before_any_image(tmp_path, content, message):
@@ -144,7 +145,8 @@ def test_messy_image_references_are_rejected_naming_the_file(tmp_path):
 
 def test_inputs_with_nothing_to_convert_are_named(tmp_path):
     images(tmp_path / "pics", "a.png")
-    with pytest.raises(DataError, match=r"no GPT-IMAGE-EDIT-1.5M metadata .* found no .json/.jsonl files, 1 images"):
+    with pytest.raises(DataError, match=r"no GPT-IMAGE-EDIT-1.5M metadata .* found no .json/.jsonl files, 1 images "
+                                        r"outside input/output/images folders, 0 archives"):
         convert("gpt-image-edit", [tmp_path / "pics" / ".."], tmp_path / "out", progress=False)
     with pytest.raises(DataError, match="input not found: .*nope"):
         convert("jsonl", [tmp_path / "nope.jsonl"], tmp_path / "out", progress=False)
@@ -161,7 +163,8 @@ def test_kill_9_of_convert_leaves_no_worker_behind(tmp_path):
                                          for t in ("blocked.png", "b.png", "b.png", "b.png")])
     main = subprocess.Popen([sys.executable, "-m", "editflow.cli", "data", "convert", "--format", "jsonl", str(meta),
                              "--out", str(tmp_path / "out"), "--image-root", str(pics), "--workers", "2",
-                             "--samples-per-shard", "1", "--max-instruction-tokens", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--samples-per-shard", "1", "--max-instruction-tokens", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
         deadline = time.time() + 60

@@ -61,7 +61,8 @@ def test_gpt_image_edit_extracted_metadata_found_at_any_depth(tmp_path, where):
         meta = {s.key: s.meta for s in read_samples(shard_urls(tmp_path / "out"))}
         omni = meta["omniedit_addition_00001000"]
         assert omni["dataset"] == "omniedit" and omni["task"] == "addition" and omni["instruction_type"] == "original"
-        assert omni["instruction_original"] == "ADDITION EDIT NUMBER 1000" and omni["id"] == "omniedit_addition_00001000"
+        assert omni["instruction_original"] == "ADDITION EDIT NUMBER 1000"
+        assert omni["id"] == "omniedit_addition_00001000"
         assert omni["origin"].endswith("omniedit/addition/metadata/omniedit_addition.json:1")
 
 
@@ -170,7 +171,8 @@ def test_sharegpt4o_from_its_tar_parts(tmp_path, extracted):
     raw = raw_samples(tmp_path / "out")
     by_prompt = {json.loads(s["json"])["instruction"]: s for s in raw.values()}
     t2i = json.loads(by_prompt["a picture of thing 0"]["json"])
-    assert t2i["text_to_image"] is True and t2i["task"] == "text_to_image" and "src.png" not in by_prompt["a picture of thing 0"]
+    assert t2i["text_to_image"] is True and t2i["task"] == "text_to_image"
+    assert "src.png" not in by_prompt["a picture of thing 0"]
     assert by_prompt["a picture of thing 0"]["tgt.png"] == images["image/0.png"]
     several = by_prompt["edit 1"]  # two input images: the first is the source, the next a reference
     assert several["src.png"] == images["image/v2v_1_in.png"] and several["ref0.png"] == images["image/v2v_1_in2.png"]
@@ -191,7 +193,8 @@ def test_images_nowhere_to_be_found_fail_loudly(tmp_path):
     assert result.returncode == 1
     assert "0 samples written: all 6 records were rejected (6 missing_file)" in result.stderr
     assert "still inside the downloaded archives" in result.stderr and "Traceback" not in result.stderr
-    assert "text_and_image_to_image.json:1: target image not found: " in result.stderr and "image/v2v_0.png" in result.stderr
+    assert "text_and_image_to_image.json:1: target image not found: " in result.stderr
+    assert "image/v2v_0.png" in result.stderr
     check = subprocess.run([sys.executable, "-m", "editflow.cli", "data", "verify", str(out)],
                            capture_output=True, text=True)
     assert check.returncode == 1 and "0 samples" in check.stderr

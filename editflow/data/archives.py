@@ -26,6 +26,7 @@ import dataclasses
 import gzip
 import heapq
 import io
+import os
 import posixpath
 import re
 import shutil
@@ -74,14 +75,20 @@ def _part_number(suffix: str) -> int:
     return number
 
 
+def _natural(path: Path) -> list:
+    """Sort key putting `part_2` before `part_10`."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(path))]
+
+
 def archive_sets(files: list[Path]) -> list[ArchiveSet]:
-    """Group archive files into sets (the parts of one split archive together), checking no part is missing."""
+    """Group archive files into sets (the parts of one split archive together), checking no part is missing;
+    the sets in natural order of their names."""
     groups: dict[Path, list[tuple[str | None, Path]]] = defaultdict(list)
-    for file in files:
+    for file in dict.fromkeys(Path(os.path.abspath(f)) for f in files):
         match = ARCHIVE_NAME.match(file.name)
         groups[file.parent / match["base"]].append((match["part"], file))
     sets = []
-    for base, members in sorted(groups.items()):
+    for base, members in sorted(groups.items(), key=lambda group: _natural(group[0])):
         whole = [f for part, f in members if part is None]
         parts = sorted(((part, f) for part, f in members if part is not None), key=lambda pf: _part_number(pf[0]))
         if whole and parts:

@@ -30,6 +30,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -178,9 +179,8 @@ class Outcome:
 
 
 def _reject_row(item: Record | BadRecord, reason: str, detail: str) -> dict:
-    images = item.images if isinstance(item, Record) else item.images
     return {"location": item.location, "key": item.key or None, "reason": reason, "detail": detail,
-            "images": images}
+            "images": item.images}
 
 
 def validate(item: Record | BadRecord, checksums: dict[str, str], rules: Validation,
@@ -365,13 +365,14 @@ class _Job:
     checksums: dict[str, str]
     rules: Validation
     tokens: TokenBudget | None
-    done: set[int]
-    shard_done: object
+    done: set[int]  # shards finished by an earlier run
+    shard_done: Callable[[dict], None]
     progress: bool
 
     def from_disk(self) -> dict:
         """Images on disk: records read lazily, whole shards validated and written by the workers."""
-        total = sum(1 for f in self.found.metadata for _ in iter_records(f.name, f.open))  # also: bad files, now
+        # a first pass over the metadata: the total for the ETA, and an unreadable file fails before any image
+        total = sum(1 for f in self.found.metadata for _ in iter_records(f.name, f.open))
         registry = KeyRegistry()
         records = read_records(self.found.metadata, registry)
         chunks = iter(lambda: list(itertools.islice(records, self.per_shard)), [])
@@ -538,7 +539,8 @@ def why_empty(out: Path, manifest: dict) -> str:
         return (f"{out}: 0 samples written: the inputs hold no records (the metadata files are empty). Check the "
                 "inputs and --format.")
     reasons = sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1])
-    first = next(r for r in map(json.loads, open(out / "rejects.jsonl", encoding="utf-8")) if r["reason"] == reasons[0][0])
+    with open(out / "rejects.jsonl", encoding="utf-8") as rows:
+        first = next(r for r in map(json.loads, rows) if r["reason"] == reasons[0][0])
     return (f"{out}: 0 samples written: all {manifest['num_rejected']} records were rejected "
             f"({', '.join(f'{n} {r}' for r, n in reasons)}). For example {first['location']}: {first['detail']}. "
             f"Likely cause: {HINTS.get(reasons[0][0], 'see the reasons above.')} Every reject is listed in "

@@ -106,8 +106,10 @@ def _text(raw: dict, names: tuple[str, ...]) -> str | None:
 
 def _image_names(raw: dict, names: tuple[str, ...]) -> list[str]:
     field, value = _present(raw, names)
-    values = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if field is None else None
-    if values is None or not all(isinstance(v, str) and v.strip() for v in values):
+    if field is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
         raise Bad("bad_field", f"field {field!r} must be an image path or a list of them, got {value!r:.80}")
     return values
 
@@ -226,7 +228,7 @@ class Resolver:
                 return f"{archive}:{member}", number
             names = ", ".join(Path(a.name).name for a in self.index.archives)
             tried += f"{', ' if tried else ''}no member {member} in {names}"
-        raise Bad("missing_file", f"{role} image {name!r} not found: {tried}", [str(candidates[0])] if candidates else [])
+        raise Bad("missing_file", f"{role} image {name!r} not found: {tried}", [str(c) for c in candidates[:1]])
 
 
 # --------------------------------------------------------------------------- finding the metadata
@@ -248,6 +250,11 @@ class Inputs:
     embedded: Callable[[str], bool] | None = None
     embedded_file: Callable[[MemberIndex, int, str, bytes], MetadataFile] | None = None
     files: list[Path] = dataclasses.field(default_factory=list)  # every input file, for the fingerprint
+
+
+def absolute(path: Path) -> Path:
+    """An absolute path without resolving links (a hub cache links files to blobs named by hash)."""
+    return Path(os.path.abspath(path))
 
 
 def walk(root: Path, exclude: Path | None) -> Iterator[Path]:
@@ -282,9 +289,10 @@ def glob_escape(name: str) -> str:
 def _describe(folder: Path, files: list[Path]) -> str:
     jsons = [f for f in files if f.suffix.lower() in JSON_SUFFIXES]
     images = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in files)
+    archives = sum(is_archive(f) for f in files)
     seen = f"{len(jsons)} .json/.jsonl files ({', '.join(str(f.relative_to(folder)) for f in jsons[:3])}" \
            f"{', ...' if len(jsons) > 3 else ''}), " if jsons else "no .json/.jsonl files, "
-    return seen + f"{images} images outside input/output/images folders, no archives"
+    return seen + f"{images} images outside input/output/images folders, {archives} archives"
 
 
 def _open(path: Path) -> Callable[[], BinaryIO]:
@@ -325,7 +333,7 @@ def find_gpt_image_edit(items: list[Path], exclude: Path | None, image_root: Pat
         return meta.parent.parent if meta.parent.name == "metadata" else meta.parent
 
     files = []
-    for path in dict.fromkeys(p.resolve() for p in metadata_paths):  # a file reached twice is read once
+    for path in dict.fromkeys(map(absolute, metadata_paths)):  # a file reached twice is read once
         task = task_folder(path)
         bases = [image_root] if image_root else [task, task / "images"]
         files.append(MetadataFile(str(path), _open(path), gpt_image_edit_fields, Resolver(bases), path.stem))
@@ -340,8 +348,8 @@ def find_gpt_image_edit(items: list[Path], exclude: Path | None, image_root: Pat
                             Resolver([], task, Path(index.archives[archive].name).name, index),
                             posixpath.splitext(posixpath.basename(name))[0])
 
-    return Inputs(files, archive_sets(sorted(set(archive_paths))), checksums, embedded, embedded_file,
-                  [Path(f.name) for f in files] + sorted(set(archive_paths)))
+    return Inputs(files, archive_sets(archive_paths), checksums, embedded, embedded_file,
+                  [Path(f.name) for f in files] + archive_paths)
 
 
 def find_llava_edit(items: list[Path], exclude: Path | None, image_root: Path | None = None, **_) -> Inputs:
@@ -417,8 +425,7 @@ def find_sharegpt4o(items: list[Path], exclude: Path | None, image_root: Path | 
         else:
             raise DataError(f"input not found: {item}")
     files = [MetadataFile(str(p), _open(p), sharegpt4o_fields, Resolver([image_root or p.parent], prefer=p.stem),
-                          "sharegpt4o") for p in dict.fromkeys(p.resolve() for p in jsons)]
-    archive_paths = sorted(set(archive_paths), key=_natural)
+                          "sharegpt4o") for p in dict.fromkeys(map(absolute, jsons))]
     return Inputs(files, archive_sets(archive_paths), [], files=[Path(f.name) for f in files] + archive_paths)
 
 
@@ -438,14 +445,10 @@ def find_user_jsonl(items: list[Path], exclude: Path | None, image_root: Path | 
         else:
             raise DataError(f"input not found: {item}")
     files = [MetadataFile(str(p), _open(p), fields, Resolver([image_root or p.parent]), dataset or p.stem)
-             for p in dict.fromkeys(p.resolve() for p in paths)]
+             for p in dict.fromkeys(map(absolute, paths))]
     if not files:
         raise DataError(f"no .json/.jsonl files in {', '.join(map(str, items))}.")
-    return Inputs(files, archive_sets(sorted(set(archive_paths))), [], files=paths + archive_paths)
-
-
-def _natural(path: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+    return Inputs(files, archive_sets(archive_paths), [], files=paths + archive_paths)
 
 
 FINDERS = {"gpt-image-edit": find_gpt_image_edit, "llava-edit": find_llava_edit, "sharegpt4o": find_sharegpt4o,
