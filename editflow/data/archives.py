@@ -22,6 +22,7 @@ second read stops after the last member still needed, so a resumed conversion ho
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gzip
 import heapq
@@ -203,6 +204,7 @@ class MemberIndex:
     sizes: list[int]
     lookup: list[dict[str, int]]  # per archive: member name -> number
     metadata: list[tuple[int, str, bytes]]  # (archive, member, bytes) of the members read as metadata
+    starts: list[int]  # per archive: the number of its first member
 
     def find(self, name: str, archives: list[int] | None = None) -> int | None:
         for a in range(len(self.archives)) if archives is None else archives:
@@ -215,9 +217,10 @@ class MemberIndex:
 def index_archives(archives: list[ArchiveSet], is_metadata: Callable[[str], bool],
                    on_bytes: Callable[[int], None] = lambda n: None) -> MemberIndex:
     """First read: names and sizes of every member, and the bytes of the metadata members."""
-    names, sizes, lookup, metadata = [], [], [], []
+    names, sizes, lookup, metadata, starts = [], [], [], [], []
     for a, archive in enumerate(archives):
         table = {}
+        starts.append(len(names))
         for name, size, data in _members(archive, is_metadata, on_bytes):
             table[name] = len(names)  # a name stored twice: the later copy wins, as when tar extracts
             names.append(name)
@@ -225,7 +228,7 @@ def index_archives(archives: list[ArchiveSet], is_metadata: Callable[[str], bool
             if data is not None:
                 metadata.append((a, name, data))
         lookup.append(table)
-    return MemberIndex(archives, names, sizes, lookup, metadata)
+    return MemberIndex(archives, names, sizes, lookup, metadata, starts)
 
 
 class HeldMembers:
@@ -314,7 +317,7 @@ def completion_order(records: list, members_of: Callable) -> list:
 
 
 def peak_hold(index: MemberIndex, timeline: Timeline, budget: int) -> tuple[int, int]:
-    """(peak bytes in memory, peak bytes in scratch) that `assemble` will hold for this timeline."""
+    """(peak bytes in memory, peak bytes in scratch) that `Assembly.records` will hold for this timeline."""
     held, drops = HeldMembers(budget, None), timeline.drops()
     for member in sorted(timeline.release):
         if timeline.release[member] != member:
@@ -339,10 +342,15 @@ class Assembly:
         if not timeline.release:
             return
         last, drops = max(timeline.release), timeline.drops()
+        needed = sorted(timeline.release)
         held = HeldMembers(self.budget, self.scratch)
-        number = 0
         try:
-            for archive in index.archives:
+            for a, archive in enumerate(index.archives):
+                number = index.starts[a]
+                end = index.starts[a + 1] if a + 1 < len(index.archives) else len(index.names)
+                if bisect.bisect_left(needed, number) == bisect.bisect_left(needed, end):
+                    on_bytes(archive.size)  # nothing needed from this archive (done by an earlier run): not read
+                    continue
                 for name, _, data in _members(archive, lambda _: number in timeline.release, on_bytes):
                     if name != index.names[number]:
                         raise DataError(f"{archive.name}: member {number} is {name}, not {index.names[number]} as "

@@ -313,6 +313,8 @@ def convert(
     sample at all could be written."""
     rules = rules or Validation()
     out = Path(out)
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard {samples_per_shard}: must be at least 1.")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder for the shards.")
     options = {k: v for k, v in reader_options.items() if v is not None}
