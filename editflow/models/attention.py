@@ -227,49 +227,47 @@ def install(transformer, plan: AttentionPlan) -> None:
         transformer.set_attention_backend(plan.dense)
 
 
-def _probe_batch(device, dtype, heads: int = 2, head_dim: int = 64):
-    """A realistic padded batch: sample 0's text fully visible, sample 1's text padded, then image tokens."""
-    text, image = 8, 24
-    visible = torch.ones(2, text, dtype=torch.bool, device=device)
-    visible[1, 5:] = False
-    g = torch.Generator().manual_seed(0)
-    qkv = [torch.randn(2, text + image, heads, head_dim, generator=g).to(device, dtype).requires_grad_()
-           for _ in range(3)]
-    return visible, image, qkv
+def joint_attention(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    text_visible: torch.Tensor, padded: bool) -> torch.Tensor:
+    """The plan's attention on (B, T + N, H, D) projections of a joint sequence in its own order (T text tokens,
+    `text_visible` (B, T), then N image tokens), arranged and restored as the editor does: the attention of a
+    batch in isolation, for the start-up probe and the tests."""
+    text = text_visible.shape[1]
+    layout = plan.layout(text_visible, query.shape[1] - text, padded)
+    if layout is None:
+        return attention_dispatch.dispatch_attention_fn(
+            query, key, value, backend=attention_dispatch.AttentionBackendName(plan.dense))
+    arranged = [torch.cat([layout.arrange_text(x[:, :text]), x[:, text:]], dim=1) for x in (query, key, value)]
+    out = layout.attend(*arranged)
+    text_out = out.shape[1] - (query.shape[1] - text)
+    return torch.cat([layout.restore_text(out[:, :text_out]), out[:, text_out:]], dim=1)
 
 
 def _probe_gap(plan: AttentionPlan, padded: bool, device, dtype) -> float:
     """Largest difference (outputs of visible queries, gradients of q, k, v; relative to their scale) between
-    the plan's kernel and the masked native kernel in float32, forward and backward, on the probe batch."""
-    visible, image, qkv = _probe_batch(device, dtype)
-    if not padded:
-        visible = torch.ones_like(visible)
-    text = visible.shape[1]
+    the plan's kernel and the masked native kernel in float32, forward and backward, on a realistic batch:
+    sample 0's text fully visible, sample 1's text padded (when `padded`), then image tokens."""
+    text, image, heads, head_dim = 8, 24, 2, 64
+    visible = torch.ones(2, text, dtype=torch.bool, device=device)
+    if padded:
+        visible[1, 5:] = False
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(2, text + image, heads, head_dim, generator=g).to(device, dtype).requires_grad_()
+           for _ in range(3)]
     keep = torch.cat([visible, visible.new_ones(2, image)], dim=1)[..., None, None]  # queries whose output counts
-    weights = torch.randn(keep.shape[:2] + qkv[0].shape[2:], generator=torch.Generator().manual_seed(1)).to(device)
+    weights = torch.randn(2, text + image, heads, head_dim, generator=g).to(device)
+    mask = masked_layout("native", visible, image).key_mask
 
-    def run(kernel_path):
-        out = kernel_path(*qkv).float()
+    def run(attend):
+        out = attend(*qkv).float()
         grads = torch.autograd.grad((out * weights * keep).sum(), qkv)
         return [out * keep] + [g.float() for g in grads]
 
-    def reference(q, k, v):
-        mask = masked_layout("native", visible, image).key_mask
-        return attention_dispatch.dispatch_attention_fn(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                        backend=attention_dispatch.AttentionBackendName.NATIVE)
-
-    def candidate(q, k, v):
-        layout = plan.layout(visible, image, padded)
-        if layout is None:
-            return attention_dispatch.dispatch_attention_fn(
-                q, k, v, backend=attention_dispatch.AttentionBackendName(plan.dense))
-        arranged = [torch.cat([layout.arrange_text(x[:, :text]), x[:, text:]], dim=1) for x in (q, k, v)]
-        out = layout.attend(*arranged)
-        added = out.shape[1] - q.shape[1]  # the extra hidden token
-        return torch.cat([layout.restore_text(out[:, : text + added]), out[:, text + added:]], dim=1)
-
+    candidate = run(lambda q, k, v: joint_attention(plan, q, k, v, visible, padded))
+    reference = run(lambda q, k, v: attention_dispatch.dispatch_attention_fn(
+        q.float(), k.float(), v.float(), attn_mask=mask, backend=attention_dispatch.AttentionBackendName.NATIVE))
     relative = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-    return max(relative(a, b) for a, b in zip(run(candidate), run(reference)))
+    return max(relative(a, b) for a, b in zip(candidate, reference))
 
 
 def check_attention_backend(editor, device, dtype: torch.dtype) -> None:
@@ -287,7 +285,9 @@ def check_attention_backend(editor, device, dtype: torch.dtype) -> None:
             raise RuntimeError(f"model.attention_backend={plan.name!r}: {what} does not run forward and backward "
                                f"on {device} with {dtype}: {err}") from err
         if not gap <= tolerance:
+            case, fault = (("a batch whose text is padded before the image tokens", "attends to padding or drops "
+                            "visible tokens") if padded else ("an unpadded batch", "computes something else"))
             raise RuntimeError(f"model.attention_backend={plan.name!r}: {what} disagrees with the masked native "
-                               f"kernel by {gap:.3g} (tolerance {tolerance:g}) on a batch whose text is padded "
-                               f"before the image tokens: it attends to padding or drops visible tokens on this "
-                               f"build; use model.attention_backend=native")
+                               f"kernel by {gap:.3g} (relative; tolerance {tolerance:g}) on {case}, forward or "
+                               f"backward: on this build it {fault}; use another model.attention_backend (native "
+                               f"runs everywhere)")
