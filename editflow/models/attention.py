@@ -105,14 +105,15 @@ class JointLayout:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """(B, L, H, D) query, key, value -> (B, L, H, D) attention output."""
         if self.cu_seqlens is None:
-            return attention_dispatch.dispatch_attention_fn(query, key, value, attn_mask=self.key_mask,
-                                                            backend=attention_dispatch.AttentionBackendName(self.kernel))
+            backend = attention_dispatch.AttentionBackendName(self.kernel)
+            return attention_dispatch.dispatch_attention_fn(query, key, value, attn_mask=self.key_mask, backend=backend)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # a view of the contiguous (B, L, H, D) projections
         out = VARLEN_KERNELS[self.kernel](flat(query), flat(key), flat(value), self.cu_seqlens, self.max_seqlen)
         return out.view(query.shape)
 
 
 def masked_layout(kernel: str, text_visible: torch.Tensor, image_tokens: int) -> JointLayout:
+    """A boolean key mask over the joint sequence in its own order."""
     image = text_visible.new_ones(text_visible.shape[0], image_tokens)
     return JointLayout(kernel, key_mask=torch.cat([text_visible, image], dim=1)[:, None, None, :])
 
@@ -221,10 +222,14 @@ def attention_plan(backend: str | None) -> AttentionPlan:
 
 
 def install(transformer, plan: AttentionPlan) -> None:
-    """Our processor on every attention module of `transformer`, and the plan's dense backend on them."""
-    transformer.set_attn_processor(KontextAttnProcessor())
+    """Our processor on every attention module of `transformer`, holding the plan's dense backend (set on the
+    processor, not with diffusers' set_attention_backend, which also changes the process-wide default).
+    Callers that pass no layout (diffusers' FluxKontextPipeline on this transformer) run that backend, or
+    diffusers' default where the dense kernel is a varlen one."""
+    processor = KontextAttnProcessor()
     if plan.dense not in VARLEN_KERNELS:
-        transformer.set_attention_backend(plan.dense)
+        processor._attention_backend = attention_dispatch.AttentionBackendName(plan.dense)
+    transformer.set_attn_processor(processor)
 
 
 def joint_attention(plan: AttentionPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
