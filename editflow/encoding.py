@@ -65,7 +65,7 @@ class TextBucketKey:
                 size = scaled_bucket((width, height), self.source_pixels) if self.source_pixels else (width, height)
                 length = self.length(meta["instruction"].strip(), None if text_to_image else size)
             return text_bucket(int(length), self.multiple) if length else 0
-        except Exception:  # noqa: BLE001 - unreadable metadata: decoded (and rejected) later
+        except (KeyError, ValueError, TypeError, AttributeError):  # bad metadata: decoded (and rejected) later
             return 0
 
 

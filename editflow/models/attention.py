@@ -280,7 +280,7 @@ def check_attention_backend(editor, device, dtype: torch.dtype) -> None:
     with padded text then image tokens, against the masked native kernel: a backend that cannot run there or
     that lets a query see padding is refused now, by name, instead of inside (or silently during) training."""
     plan: AttentionPlan = editor.attention_backend
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16/fp16 kernels against float32
     for padded in (False, True):
         kernel = plan.padded if padded else plan.dense
         what = f"the {kernel!r} kernel{' (used for padded batches)' if padded else ''}"

@@ -136,6 +136,8 @@ KONTEXT_LORA_TARGETS = [
 ]
 # What the public GPT-IMAGE-EDIT reference trains: attention projections and norms of the image branch.
 REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.norm_q", "attn.norm_k")
+
+
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
     """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention."""
     mode = cfg.get("trainable", "full")

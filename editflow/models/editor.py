@@ -18,8 +18,9 @@ from editflow.models.connector import Connector
 from editflow.models.packing import image_ids, pack, text_ids, unpack
 
 
-def text_bucket(length: int, multiple: int) -> int:
-    """The number of text tokens FLUX sees for a conditioning of `length` tokens: rounded up to `multiple`."""
+def text_bucket(length, multiple: int):
+    """The number of text tokens FLUX sees for a conditioning of `length` tokens (an int or a tensor of them):
+    `length` rounded up to `multiple`."""
     return -(-length // multiple) * multiple
 
 
