@@ -10,9 +10,14 @@ run keep Qwen and the VAE off the accelerator.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import torch
 
+from editflow.data.buckets import scaled_bucket
 from editflow.models.conditioner import QwenVLConditioner
+from editflow.models.editor import text_bucket
 from editflow.models.vae import LatentCodec
 
 # What Qwen sees for each condition-dropout outcome: (keep the instruction, keep the source image).
@@ -33,6 +38,35 @@ def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         states[i, : row.shape[0]] = row
         mask[i, : row.shape[0]] = True
     return states, mask
+
+
+def text_padded(lengths: list[int], multiple: int) -> bool:
+    """Whether a batch of conditionings of these lengths needs an attention mask (see editor.visible_text)."""
+    return len({text_bucket(n, multiple) for n in lengths}) > 1
+
+
+class TextBucketKey:
+    """The data stream's grouping key: the text bucket (editor.visible_text) of a sample's conditioning, from
+    its json alone, so that batches of one key need no attention mask. A pre-encoded sample records its
+    length (`text_tokens`); otherwise `length(instruction, source size or None)` counts it
+    (QwenVLConditioner.sequence_length: the tokenizer only). Condition dropout, drawn later, changes lengths
+    and is not foreseen; a sample the key cannot read gets 0 (it is decoded, and rejected, later)."""
+
+    def __init__(self, multiple: int, length: Callable[[str, tuple[int, int] | None], int] | None = None,
+                 source_pixels: int | None = None):
+        self.multiple, self.length, self.source_pixels = multiple, length, source_pixels
+
+    def __call__(self, raw: dict, bucket: tuple[int, int, bool]) -> int:
+        try:
+            meta = json.loads(raw["json"])
+            length = meta.get("text_tokens")
+            if length is None and self.length is not None:
+                width, height, text_to_image = bucket
+                size = scaled_bucket((width, height), self.source_pixels) if self.source_pixels else (width, height)
+                length = self.length(meta["instruction"].strip(), None if text_to_image else size)
+            return text_bucket(int(length), self.multiple) if length else 0
+        except (KeyError, ValueError, TypeError, AttributeError):  # bad metadata: decoded (and rejected) later
+            return 0
 
 
 def draw_drops(n: int, p_text: float, p_image: float, p_both: float) -> list[str | None]:
@@ -65,10 +99,12 @@ def condition_dropout(batch: dict, p_text: float, p_image: float, p_both: float)
 
 
 class FrozenEncoder:
-    def __init__(self, codec: LatentCodec, conditioner: QwenVLConditioner, cache: bool = False):
+    def __init__(self, codec: LatentCodec, conditioner: QwenVLConditioner, cache: bool = False,
+                 text_pad_multiple: int = 1):
         self.codec = codec
         self.conditioner = conditioner
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.text_pad_multiple = text_pad_multiple  # model.text_pad_multiple: which batches need a mask
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor | None) -> torch.Tensor | None:
@@ -104,7 +140,8 @@ class FrozenEncoder:
 
     def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, bool]:
         """(target latents, source latents or None for text-to-image, Qwen states, mask) in fp32 on `device`,
-        and whether any row is padded (known here on the CPU, so the step need not ask the GPU)."""
+        and whether the batch needs an attention mask (`text_padded`: known here on the CPU, so the step need
+        not ask the GPU)."""
         keys = batch["key"]
         if "encoded" in batch:
             rows = self._stored(batch)
@@ -120,5 +157,5 @@ class FrozenEncoder:
         states, mask = pad_states([r[2] for r in rows])
         target = to(torch.stack([r[0] for r in rows]))
         source = None if rows[0][1] is None else to(torch.stack([r[1] for r in rows]))
-        padded = len({r[2].shape[0] for r in rows}) > 1
+        padded = text_padded([r[2].shape[0] for r in rows], self.text_pad_multiple)
         return target, source, to(states), mask.to(device), padded

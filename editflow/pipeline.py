@@ -114,22 +114,28 @@ class EditPipeline:
 
     @torch.no_grad()
     def encode(self, images: Sequence[Image.Image | None], instructions: Sequence[str]):
-        """(prompt_embeds, pooled_prompt_embeds, mask) for FLUX, from the source images and instructions.
+        """(prompt_embeds, pooled_prompt_embeds, mask) for FLUX, from the source images and instructions; mask:
+        the text tokens FLUX attends to (prompt_embeds of one sample, or of samples sharing their text bucket,
+        are exactly what diffusers' FluxKontextPipeline needs as prompt_embeds).
 
         An image may be None and an instruction empty: the unconditional inputs of classifier-free guidance.
         """
-        states, mask = self.conditioner(images, instructions)
-        prompt_embeds, pooled = self.editor.condition(states.to(self.device), mask.to(self.device))
+        prompt_embeds, pooled, mask = self._encode(images, instructions)
         return prompt_embeds, pooled, mask.to(self.device)
 
+    def _encode(self, images, instructions):
+        states, mask = self.conditioner.encode(images, instructions)  # mask on the CPU
+        return self.editor.condition(states.to(self.device), mask)  # FLUX's text mask stays on the CPU
+
     def _conditioning(self, images, instructions, text_scale: float, image_scale: float):
-        """Conditioning for every guidance branch, concatenated along the batch: [full, image-only, none]."""
+        """Conditioning for every guidance branch, concatenated along the batch: [full, image-only, none]; and
+        whether any text token is hidden (read on the CPU, so the sampler's steps never wait for the GPU)."""
         blank = [""] * len(instructions)
-        branches = [self.encode(images, instructions)]
+        branches = [self._encode(images, instructions)]
         if text_scale != 1.0 or image_scale != 1.0:
-            branches.append(self.encode(images, blank))  # the source image, no instruction
+            branches.append(self._encode(images, blank))  # the source image, no instruction
         if image_scale != 1.0:
-            branches.append(self.encode([None] * len(images), blank))  # neither
+            branches.append(self._encode([None] * len(images), blank))  # neither
         longest = max(b[0].shape[1] for b in branches)
         embeds, pooled, masks = [], [], []
         for pe, po, m in branches:  # pad to a common length; the mask hides the padding from attention
@@ -137,7 +143,8 @@ class EditPipeline:
             embeds.append(torch.nn.functional.pad(pe, (0, 0, 0, pad)))
             masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
             pooled.append(po)
-        return torch.cat(embeds), torch.cat(pooled), torch.cat(masks), len(branches)
+        mask = torch.cat(masks)
+        return torch.cat(embeds), torch.cat(pooled), mask.to(self.device), len(branches), not bool(mask.all())
 
     @torch.no_grad()
     def __call__(
@@ -175,7 +182,7 @@ class EditPipeline:
         fit = lambda im: im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
         sources = [fit(im) for im in images for _ in range(num_images_per_prompt)]
         instructions = [t for t in instructions for _ in range(num_images_per_prompt)]
-        prompt_embeds, pooled, text_mask, branches = self._conditioning(
+        prompt_embeds, pooled, text_mask, branches, padded = self._conditioning(
             sources, instructions, text_guidance_scale, image_guidance_scale)
         # .to(device): the codec may live elsewhere (host memory, when training on pre-encoded data)
         source_latents = self.codec.encode(torch.stack([image_tensor(s) for s in sources])).to(self.device)
@@ -192,7 +199,7 @@ class EditPipeline:
             keep = 1.0 - torch.nn.functional.max_pool2d(editable[None].float(), self.codec.downsample).to(self.device)
         latents = self.sample(
             noise, [source_latents, *reference_latents], prompt_embeds, pooled, text_mask, num_inference_steps,
-            guidance_scale, branches, text_guidance_scale, image_guidance_scale, keep,
+            guidance_scale, branches, text_guidance_scale, image_guidance_scale, keep, padded,
         )
         if output_type == "latent":
             return latents
@@ -204,9 +211,11 @@ class EditPipeline:
         return tensor_to_pil(decoded)
 
     def sample(self, noise, sources, prompt_embeds, pooled, text_mask, steps: int, guidance_scale: float,
-               branches: int = 1, text_scale: float = 1.0, image_scale: float = 1.0, keep=None):
+               branches: int = 1, text_scale: float = 1.0, image_scale: float = 1.0, keep=None,
+               padded: bool | None = None):
         """Euler integration from noise (sigma=1) towards data with the shifted FLUX schedule.
 
+        padded: whether text_mask hides any token (None: read from it once, a host sync).
         With `keep` (1 where the source must stay), those latents are replaced after every step by the
         source noised to the current sigma, so the edit blends into an unchanged surrounding.
         """
@@ -216,13 +225,15 @@ class EditPipeline:
                                 device=self.device)
         scheduler.set_begin_index(0)
         batch = noise.shape[0]
+        if padded is None:
+            padded = not bool(text_mask.all())
         guidance = torch.full((batch * branches,), guidance_scale, device=self.device)
         repeat = lambda x: x.repeat(branches, 1, 1, 1)
         latents = noise
         for i, t in enumerate(scheduler.timesteps):
             sigma = (t / 1000).expand(batch * branches)
             v = self.editor.denoise(repeat(latents), [repeat(s) for s in sources], prompt_embeds, pooled,
-                                    text_mask, sigma, guidance).float()
+                                    text_mask, sigma, guidance, padded).float()
             if branches == 2:  # text guidance only
                 full, image_only = v.chunk(2)
                 v = image_only + text_scale * (full - image_only)

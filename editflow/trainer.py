@@ -23,12 +23,12 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
-from editflow.encoding import FrozenEncoder, condition_dropout
+from editflow.encoding import FrozenEncoder, TextBucketKey, condition_dropout
 from editflow.eval import evaluate, sample_grid
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
-from editflow.models.build import (build_frozen, build_models, check_attention_backend, compile_blocks,
-                                   keep_trainable_in_fp32)
+from editflow.models.attention import check_attention_backend
+from editflow.models.build import build_frozen, build_models, compile_blocks, keep_trainable_in_fp32
 from editflow.pipeline import EditPipeline
 from editflow.validate import check_world_size
 
@@ -119,7 +119,9 @@ class Trainer:
             models = build_models(cfg.model, seed=tcfg.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
-        self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False))
+        text_multiple = models.editor.text_pad_multiple
+        self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False),
+                                     text_pad_multiple=text_multiple)
         editor = models.editor
         if cfg.model.get("compile_blocks"):
             if acc.device.type == "cuda":
@@ -163,10 +165,12 @@ class Trainer:
         self._install_signal_handlers()
         self._register_process()
 
+        length = None if self.conditioner is None else self.conditioner.sequence_length  # pre-encoded: in the json
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
             max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False), encoded=pre_encoded,
+            text_key=TextBucketKey(text_multiple, length, dcfg.get("source_pixels")) if text_multiple > 1 else None,
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()

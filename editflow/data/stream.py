@@ -19,7 +19,7 @@ import json
 import logging
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,7 @@ class BucketStream(IterableDataset):
         min_seen_for_skip_rate: int = 200,
         square_only: bool = False,
         encoded: bool = False,
+        text_key: Callable[[dict, tuple[int, int, bool]], int] | None = None,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -135,6 +136,9 @@ class BucketStream(IterableDataset):
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
+        # a second grouping key from (raw sample, bucket): the text bucket (encoding.TextBucketKey), so that
+        # batches need no attention mask
+        self.text_key = text_key
         self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
         self.skipped: dict[str, int] = {}
@@ -182,13 +186,15 @@ class BucketStream(IterableDataset):
                 yield buffer.pop()
 
     def _batches_of_raw(self, worker: int, num_workers: int) -> Iterator[list[dict]]:
-        pending: dict[tuple[int, int, bool], list[dict]] = {}
+        pending: dict[tuple, list[dict]] = {}
         for raw in self._mixed(worker, num_workers):
-            bucket = bucket_of(raw, self.bucket_base, self.square_only)
-            group = pending.setdefault(bucket, [])
+            key = bucket = bucket_of(raw, self.bucket_base, self.square_only)
+            if self.text_key is not None:
+                key = (*bucket, self.text_key(raw, bucket))
+            group = pending.setdefault(key, [])
             group.append(raw)
             if len(group) == self.batch_size:
-                yield pending.pop(bucket)
+                yield pending.pop(key)
 
     # -- decoding ----------------------------------------------------------------------------
     def _decode(self, raws: list[dict]) -> list:

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from omegaconf import DictConfig, OmegaConf
 
+from editflow.models.attention import AttentionPlan, attention_plan
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.connector import Connector
 from editflow.models.editor import KontextEditor
@@ -135,14 +136,6 @@ KONTEXT_LORA_TARGETS = [
 ]
 # What the public GPT-IMAGE-EDIT reference trains: attention projections and norms of the image branch.
 REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.norm_q", "attn.norm_k")
-# Attention backends that have a backward pass (diffusers' dispatcher names) -> the package they need.
-TRAINABLE_BACKENDS = {"native": None, "flash": "flash_attn", "_flash_3": "flash_attn_interface",
-                      "flash_varlen": "flash_attn", "_flash_3_varlen": "flash_attn_interface",
-                      "_native_flash": None, "_native_cudnn": None, "_native_efficient": None}
-# FlashAttention kernels take no mask; batches whose instructions are padded run these masked kernels
-# instead, so padding stays hidden (varlen: padding removed; mem-efficient SDPA: boolean mask).
-MASKED_ALTERNATIVE = {"flash": "flash_varlen", "_flash_3": "_flash_3_varlen", "_native_flash": "_native_efficient",
-                      "_native_cudnn": "_native_efficient"}
 
 
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
@@ -178,48 +171,6 @@ def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
         cast_training_params(editor.transformer, dtype=torch.float32)
 
 
-def attention_backends(backend: str | None, training: bool = True) -> tuple[str, str]:
-    """(kernel for unpadded batches, kernel for padded ones) for model.attention_backend; refuses backends
-    that diffusers cannot train through or whose package is missing, with the reason."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    backend = backend or "native"
-    if backend not in {b.value for b in AttentionBackendName}:
-        raise ValueError(f"model.attention_backend={backend!r} is not a diffusers attention backend; use one of "
-                         f"{sorted(TRAINABLE_BACKENDS)}")
-    if training and backend not in TRAINABLE_BACKENDS:
-        raise ValueError(f"model.attention_backend={backend!r} has no backward pass in diffusers; use one of "
-                         f"{sorted(TRAINABLE_BACKENDS)}")
-    pair = (backend, MASKED_ALTERNATIVE.get(backend, backend))
-    for name in pair:
-        package = TRAINABLE_BACKENDS.get(name)
-        if package:
-            import importlib.util
-
-            if importlib.util.find_spec(package) is None:
-                raise ImportError(f"model.attention_backend={backend!r} needs the {package} package (pip install "
-                                  f"'editflow[gpu]'); '_native_flash' uses PyTorch's built-in FlashAttention instead")
-    return pair
-
-
-def check_attention_backend(editor: KontextEditor, device, dtype: torch.dtype) -> None:
-    """Run both kernels of the editor's backend once, forward and backward, on `device` in `dtype`: a
-    backend that cannot run there fails now, by name, instead of inside the first training step."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
-
-    for name, masked in zip(editor.attention_backend, (False, True)):
-        q = torch.randn(2, 16, 2, 64, device=device, dtype=dtype, requires_grad=True)
-        mask = torch.ones(2, 1, 1, 16, dtype=torch.bool, device=device) if masked else None
-        if mask is not None:
-            mask[1, ..., 12:] = False
-        try:
-            dispatch_attention_fn(q, q, q, attn_mask=mask, backend=AttentionBackendName(name)).float().sum().backward()
-        except Exception as err:  # noqa: BLE001 - any kernel failure becomes a config error
-            raise RuntimeError(f"model.attention_backend={editor.attention_backend[0]!r}: the {name!r} kernel "
-                               f"{'(used for padded batches) ' if masked else ''}does not run on {device} with "
-                               f"{dtype}: {err}") from err
-
-
 def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_adapter: bool = True,
                  qwen_dim: int | None = None) -> Models:
     """All components of `cfg` (a `model/` config node), on the CPU; the caller moves them.
@@ -231,10 +182,14 @@ def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_ad
     weights_dtype = torch_dtype(cfg.get("dtype", "float32"))
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
     transformer = build_transformer(cfg.transformer, weights_dtype)
-    backends = configure_transformer(transformer, cfg, training, lora_adapter)
+    plan = configure_transformer(transformer, cfg, training, lora_adapter)
     conditioner, codec = (None, None) if qwen_dim else build_frozen(cfg)
     connector = build_connector(cfg.connector, qwen_dim or conditioner.hidden_size, transformer).to(weights_dtype)
-    editor = KontextEditor(transformer, connector, attention_backend=backends)
+    # configs saved before model.text_pad_multiple existed conditioned on the exact lengths
+    multiple = cfg.get("text_pad_multiple", 1)
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"model.text_pad_multiple: expected a positive integer (1: exact lengths), got {multiple!r}")
+    editor = KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=multiple)
     return Models(editor, conditioner, codec, build_scheduler())
 
 
@@ -245,16 +200,16 @@ def build_frozen(cfg: DictConfig) -> tuple[QwenVLConditioner, LatentCodec]:
 
 
 def configure_transformer(transformer: FluxTransformer2DModel, cfg: DictConfig, training: bool,
-                          lora_adapter: bool = True) -> tuple[str, str]:
+                          lora_adapter: bool = True) -> AttentionPlan:
     """What trains (adapters too), gradient checkpointing, and the attention kernels to use."""
-    backends = attention_backends(cfg.get("attention_backend"), training)
+    plan = attention_plan(cfg.get("attention_backend"))
     if training and cfg.get("base_quantization"):
         quantize_base(transformer, cfg.base_quantization)  # before the adapters wrap the quantized linears
     if training or (lora_adapter and cfg.get("trainable") == "lora"):
         select_trainable(transformer, cfg)
     if training and cfg.get("gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
-    return backends
+    return plan
 
 
 def quantize_base(transformer: FluxTransformer2DModel, kind: str) -> None:

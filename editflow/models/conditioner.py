@@ -84,6 +84,16 @@ class QwenVLConditioner(nn.Module):
         """Tokens an instruction adds (without the image), for validating input length before sampling."""
         return len(self.processor.tokenizer(instruction, add_special_tokens=False)["input_ids"])
 
+    def sequence_length(self, instruction: str, image_size: tuple[int, int] | None) -> int:
+        """Tokens `encode` returns for one sample whose image is `image_size` (width, height) or absent, counted
+        by the tokenizer and the image processor alone (Qwen does not run)."""
+        text = self.processor.apply_chat_template(self._messages(instruction, image_size is not None), tokenize=False)
+        length = len(self.processor.tokenizer(text)["input_ids"]) - len(self.prefix_ids)
+        if image_size is not None:  # the image placeholder token becomes the image's merged patches
+            images = self.processor.image_processor
+            length += images.get_number_of_image_patches(image_size[1], image_size[0]) // images.merge_size ** 2 - 1
+        return length
+
     @property
     def device(self) -> torch.device:
         return self.model.device
