@@ -27,9 +27,18 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step-{step:07d}"
 
 
+def saved_names(model: nn.Module) -> set[str]:
+    """What a checkpoint holds: the trainable parameters (all of them for a full fine-tune, adapters + connector
+    for LoRA) and the persistent buffers, state the weights depend on (the connector's pooled base)."""
+    return ({name for name, p in model.named_parameters() if p.requires_grad}
+            | set(model.state_dict(keep_vars=True).keys() - dict(model.named_parameters()).keys()))
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters (all of them for a full fine-tune, adapters + connector for LoRA), contiguous on CPU."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The tensors of `saved_names`, contiguous on the CPU."""
+    names = saved_names(model)
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict(keep_vars=True).items()
+            if name in names}
 
 
 def staging_dir(root: str | os.PathLike, step: int) -> Path:
@@ -90,9 +99,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Load a checkpoint's trainable weights into `model`; every saved tensor must find its parameter."""
+    """Load a checkpoint's trainable weights (and buffers) into `model`; every saved tensor must find its place."""
     state = load_file(Path(checkpoint) / MODEL_FILE)
-    missing = [k for k in state if k not in dict(model.named_parameters())]
+    missing = [k for k in state if k not in model.state_dict(keep_vars=True)]
     if missing:
         raise KeyError(f"{checkpoint}: {len(missing)} saved tensors have no parameter in the model, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False)

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="auto", help="auto (bucket nearest the source aspect) or WxH")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=None, help="Kontext distilled guidance (default: "
-                        "the value the model was trained with)")
+                        "the model's objective.sample_guidance)")
     parser.add_argument("--text-guidance", type=float, default=1.0, help="classifier-free guidance on the text")
     parser.add_argument("--image-guidance", type=float, default=1.0, help="classifier-free guidance on the image")
     parser.add_argument("--seed", type=int, default=0)
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
             raise RequestError("give --out (or --batch)")
         pipe = EditPipeline.from_pretrained(args.model, device=args.device)
         base = int(pipe.config.data.get("bucket_base", 1024))
-        guidance = float(pipe.config.eval.get("guidance", pipe.config.objective.guidance))
         prepared = []
         for i, request in enumerate(requests):
             try:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"editflow edit: error: {err}", file=sys.stderr)
         sys.exit(2)
     for item in tqdm(prepared, desc="edit", unit="request", disable=len(prepared) == 1):
-        for path in run(item, pipe, guidance):
+        for path in run(item, pipe, pipe.guidance):
             print(path)
 
 

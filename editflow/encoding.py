@@ -159,3 +159,31 @@ class FrozenEncoder:
         source = None if rows[0][1] is None else to(torch.stack([r[1] for r in rows]))
         padded = text_padded([r[2].shape[0] for r in rows], self.text_pad_multiple)
         return target, source, to(states), mask.to(device), padded
+
+
+def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count: int = 16
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen states (padded, with their mask) of the first `count` training samples, for calibrating a fresh
+    connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images."""
+    import itertools
+
+    from editflow.data.encoded import decode_encoded
+    from editflow.data.loader import read_samples
+    from editflow.data.samples import SampleError
+    from editflow.data.stream import iter_tar
+
+    urls = [u for s in sets for u in s.urls[:2]]
+    if sets[0].encoding is not None:
+        raws = itertools.islice((r for u in urls for r in iter_tar(u)), count)
+        rows = [decode_encoded(r).tensors["states"].float() for r in raws]
+    else:
+        rows = []
+        for sample in read_samples(urls, count):
+            try:  # a sample the encoder refuses (e.g. over max_length) is left out here as in training
+                states, mask = conditioner.encode([sample.source], [sample.instruction])
+            except (ValueError, SampleError):
+                continue
+            rows.append(states[0, : int(mask.sum())].float())
+    if not rows:
+        raise ValueError(f"no training sample could be encoded to calibrate the connector (read {urls[:3]}...)")
+    return pad_states(rows)

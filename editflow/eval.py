@@ -133,3 +133,33 @@ def sample_grid(samples: Sequence[EditSample], edits: Sequence[Image.Image], tex
                 lines.append(word)
         draw.multiline_text((3 * w + 6, row * h + 4), "\n".join(lines), fill="black", spacing=2)
     return grid
+
+
+def guidance_values(value) -> list[float]:
+    """`eval.guidance` / `editflow eval --guidance`: one distilled-guidance value or a list of them."""
+    if isinstance(value, (int, float, str)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def evaluate_guidances(samples, edit_fn_for: Callable[[float], Callable], guidances: Sequence[float],
+                       **options) -> tuple[dict, list[Image.Image]]:
+    """`evaluate` at each guidance value. The first value's scores are the headline (`model`, `baseline`,
+    `primary`, and its edits are returned); with several values, `by_guidance` holds each one's, keyed by value."""
+    runs = [(g, *evaluate(samples, edit_fn_for(g), **options)) for g in guidances]
+    _, result, edits = runs[0]
+    result["guidance"] = runs[0][0]
+    if len(runs) > 1:
+        result["by_guidance"] = {f"{g:g}": {"model": r["model"], "improvement_over_baseline":
+                                            r["improvement_over_baseline"]} for g, r, _ in runs}
+    return result, edits
+
+
+def eval_metrics(result: dict) -> dict[str, float]:
+    """Flat `eval/*` metrics of a result: the headline scores, and `eval/guidance_<g>/*` per guidance value."""
+    primary = result["primary"]
+    metrics = {f"eval/{k}": v for k, v in result["model"].items() if "/" not in k}
+    metrics[f"eval/baseline_{primary}"] = result["baseline"][primary]
+    for g, scores in result.get("by_guidance", {}).items():
+        metrics.update({f"eval/guidance_{g}/{k}": v for k, v in scores["model"].items() if "/" not in k})
+    return metrics

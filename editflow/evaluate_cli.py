@@ -13,7 +13,7 @@ import torch
 from editflow.data.buckets import nearest_bucket
 from editflow.data.loader import read_samples
 from editflow.data.sources import resolve_urls
-from editflow.eval import evaluate, sample_grid
+from editflow.eval import evaluate_guidances, sample_grid
 
 
 def finite(value):
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="metrics json (same schema as a run's eval.json)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--guidance", type=float, default=None, help="default: the model's training value")
+    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+                        help="Kontext distilled guidance, one value or several (each is evaluated; the first is the "
+                             "headline); default: the model's objective.sample_guidance")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", choices=["none", "qwen"], default="none", help="VLM judge (GEdit/ImgEdit style)")
@@ -68,16 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         print(f"editflow eval: error: {err}", file=sys.stderr)
         sys.exit(2)
-    guidance = args.guidance if args.guidance is not None else float(pipe.config.eval.guidance)
+    guidances = args.guidance or [pipe.guidance]
     base = int(pipe.config.data.get("bucket_base", 1024))
     judge = None
     if args.judge != "none":
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         judge = JUDGES[args.judge].from_pretrained(args.judge_model, dtype=dtype, device=args.device)
-    result, edits = evaluate(samples, make_edit_fn(pipe, base, args.steps, guidance, args.seed),
-                             batch_size=args.batch_size, judge=judge, progress=True)
-    result.update(model_path=str(args.model), data=args.data, steps=args.steps, guidance=guidance,
-                  judge=args.judge)
+    result, edits = evaluate_guidances(samples, lambda g: make_edit_fn(pipe, base, args.steps, g, args.seed),
+                                       guidances, batch_size=args.batch_size, judge=judge, progress=True)
+    result.update(model_path=str(args.model), data=args.data, steps=args.steps, judge=args.judge)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(finite(result), indent=1))
     if args.grid:

@@ -62,15 +62,16 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False) -> Pat
     (tmp / "connector" / "config.json").write_text(json.dumps(connector.sizes, indent=1))
     (tmp / EXPORT_FILE).write_text(json.dumps({
         "format": "editflow-export", "version": 1, "kind": kind,
+        "guidance": {"sample": pipe.guidance, "train": float(config.objective.guidance)},
         "source_checkpoint": str(checkpoint.resolve()),
         "config": json.loads(json.dumps(dict(_to_container(config)))),
     }, indent=1))
     q = config.model.qwen
     base = config.model.transformer.get("pretrained") or "THIS_DIR"
-    usage = (LORA_USAGE if kind == "lora" else FULL_USAGE).format(base=base)
+    usage = (LORA_USAGE if kind == "lora" else FULL_USAGE).format(base=base, guidance=pipe.guidance)
     (tmp / "README.md").write_text(MODEL_CARD.format(
         checkpoint=checkpoint, qwen=q.pretrained, layer=q.get("hidden_layer", -1), kind=kind, usage=usage,
-        guidance=config.eval.get("guidance", config.objective.guidance), base=config.data.get("bucket_base", 1024)))
+        guidance=pipe.guidance, train_guidance=config.objective.guidance, base=config.data.get("bucket_base", 1024)))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -117,7 +118,8 @@ connector instead of T5/CLIP.
 
 - trained checkpoint: `{checkpoint}`
 - conditioner: Qwen2.5-VL `{qwen}`, hidden layer {layer}, template prefix dropped, padding masked
-- distilled guidance used in training/eval: {guidance}; aspect buckets around {base}^2
+- distilled guidance: sample with guidance_scale={guidance} (fed {train_guidance} while training); aspect buckets
+  around {base}^2
 
 ```python
 from editflow.pipeline import EditPipeline
@@ -134,7 +136,8 @@ In diffusers (the text encoders stay empty: pass editflow's embeddings):
 from diffusers import FluxKontextPipeline
 kontext = FluxKontextPipeline.from_pretrained("THIS_DIR", text_encoder=None, tokenizer=None,
                                               text_encoder_2=None, tokenizer_2=None)
-image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled).images[0]
+image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
+                guidance_scale={guidance}).images[0]  # this model's sampling guidance, not the pipeline's default
 ```
 """
 
@@ -148,7 +151,8 @@ from diffusers import FluxKontextPipeline
 kontext = FluxKontextPipeline.from_pretrained("{base}", text_encoder=None, tokenizer=None,
                                               text_encoder_2=None, tokenizer_2=None)
 kontext.load_lora_weights("THIS_DIR")
-image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled).images[0]
+image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
+                guidance_scale={guidance}).images[0]  # this model's sampling guidance, not the pipeline's default
 ```
 """
 

@@ -44,6 +44,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(DIR) looks for
 
 
+def sample_guidance(config) -> float:
+    """The distilled-guidance value a model samples with unless told otherwise: `objective.sample_guidance` of
+    the config it was trained with (one default for editflow edit/eval, EditPipeline and exports)."""
+    objective = config.objective
+    return float(objective.get("sample_guidance", objective.guidance))
+
+
 class EditPipeline:
     """`pipe(image, instruction, ...)` -> edited images, like diffusers' FluxKontextPipeline."""
 
@@ -53,15 +60,17 @@ class EditPipeline:
         conditioner: QwenVLConditioner,
         codec: LatentCodec,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        guidance: float,
     ):
         self.editor = editor
         self.conditioner = conditioner
         self.codec = codec
         self.scheduler = scheduler
+        self.guidance = guidance  # Kontext's distilled guidance when a call gives none (see sample_guidance)
 
     @classmethod
-    def from_models(cls, models: Models) -> "EditPipeline":
-        return cls(models.editor, models.conditioner, models.codec, models.scheduler)
+    def from_models(cls, models: Models, guidance: float) -> "EditPipeline":
+        return cls(models.editor, models.conditioner, models.codec, models.scheduler, guidance)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "EditPipeline":
@@ -87,7 +96,7 @@ class EditPipeline:
             # the training seed: a LoRA checkpoint holds only adapters, its base is rebuilt the same way
             models = build_models(config.model, seed=config.trainer.seed)
             ckpt.load_model_weights(models.editor, checkpoint)
-        pipe = cls.from_models(models.to(device))
+        pipe = cls.from_models(models.to(device), sample_guidance(config))
         pipe.editor.eval()
         pipe.config = config
         return pipe
@@ -152,7 +161,7 @@ class EditPipeline:
         image: Image.Image | Sequence[Image.Image],
         instruction: str | Sequence[str],
         num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | None = None,
@@ -165,11 +174,13 @@ class EditPipeline:
     ):
         """Edit `image` (one or a batch) following `instruction`.
 
-        guidance_scale: Kontext's distilled-guidance value. text/image_guidance_scale: two-scale
+        guidance_scale: Kontext's distilled-guidance value (default: the model's `objective.sample_guidance`,
+        `self.guidance`). text/image_guidance_scale: two-scale
         classifier-free guidance (1.0 disables it) over the instruction and the image Qwen sees.
         references: extra reference images (position ids 2, 3, ...). mask: "L" image at the output
         size, white where editing is allowed; outside it the sample is pinned to the source.
         """
+        guidance_scale = self.guidance if guidance_scale is None else guidance_scale
         images = [image] if isinstance(image, Image.Image) else list(image)
         instructions = [instruction] if isinstance(instruction, str) else list(instruction)
         if len(instructions) == 1 and len(images) > 1:

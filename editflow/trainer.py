@@ -23,13 +23,14 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
-from editflow.encoding import FrozenEncoder, TextBucketKey, condition_dropout
-from editflow.eval import evaluate, sample_grid
+from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
+from editflow.eval import eval_metrics, evaluate_guidances, guidance_values, sample_grid
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.models.attention import check_attention_backend
 from editflow.models.build import build_frozen, build_models, compile_blocks, keep_trainable_in_fp32
-from editflow.pipeline import EditPipeline
+from editflow.models.connector_start import start_connector
+from editflow.pipeline import EditPipeline, sample_guidance
 from editflow.validate import check_world_size
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class Trainer:
                 log.info("model.compile_blocks: skipped on %s (compiling pays on CUDA only)", acc.device)
         if acc.distributed_type != DistributedType.DEEPSPEED:
             keep_trainable_in_fp32(editor, cfg.model)
+        if not self._resuming():  # a resumed run's checkpoint holds the connector
+            start_connector(editor.connector, cfg.model.connector, lambda: calibration_states(sets, self.conditioner))
         params = [p for p in editor.parameters() if p.requires_grad]
         ocfg = cfg.optim
         optimizer = build_optimizer(params, ocfg)
@@ -201,11 +204,15 @@ class Trainer:
         model = acc.unwrap_model(self.editor)
         if not self.sharded_state:
             return ckpt.trainable_state(model)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        names = ckpt.saved_names(model)
         state = acc.get_state_dict(self.editor)
         if not acc.is_main_process:
             return {}
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names}
+
+    def _resuming(self) -> bool:
+        resume = self.cfg.trainer.get("resume")
+        return bool(resume) and (resume != "auto" or ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None)
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.trainer.get("resume")
@@ -455,7 +462,8 @@ class Trainer:
         if self.conditioner is None:  # trained on pre-encoded data: the frozen models are needed only now
             with frozen_models_unpartitioned(self.accelerator):
                 self.conditioner, self.codec = build_frozen(self.cfg.model)
-        return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler)
+        return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler,
+                            sample_guidance(self.cfg))
 
     def finish(self) -> dict:
         return self.run_eval()
@@ -473,8 +481,10 @@ class Trainer:
                 self._val_samples = read_samples(self.val_urls, ecfg.num_samples)
             samples = self._val_samples
             self.editor.eval()
-            edit = make_edit_fn(self.pipeline(), self.cfg.data.bucket_base, ecfg.steps, ecfg.guidance, ecfg.seed)
-            result, edits = evaluate(samples, edit, batch_size=ecfg.batch_size)
+            pipe = self.pipeline()
+            result, edits = evaluate_guidances(
+                samples, lambda g: make_edit_fn(pipe, self.cfg.data.bucket_base, ecfg.steps, g, ecfg.seed),
+                guidance_values(ecfg.guidance), batch_size=ecfg.batch_size)
             if not acc.is_main_process:
                 result = {}
         if result:
@@ -489,8 +499,7 @@ class Trainer:
                 self.wandb.log({"samples": wandb.Image(grid, caption="source | target | edit")}, step=self.step)
             primary = result["primary"]
             # logged with the next training record (metrics.jsonl rows always carry step and loss)
-            self.pending_metrics.update({f"eval/{k}": v for k, v in result["model"].items() if "/" not in k})
-            self.pending_metrics[f"eval/baseline_{primary}"] = result["baseline"][primary]
+            self.pending_metrics.update(eval_metrics(result))
             log.info("eval: model %s=%.4f, copy-source baseline %.4f", primary, result["model"][primary],
                      result["baseline"][primary])
         acc.wait_for_everyone()

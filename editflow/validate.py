@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 
 from editflow.flow import LOSS_WEIGHTING, SIGMA_SAMPLING
@@ -53,12 +55,45 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     for key in ("dtype", "frozen_dtype"):
         _require(m.get(key, "float32") in DTYPES, f"model.{key}", f"expected one of {sorted(DTYPES)}")
-    _require(m.get("trainable", "full") in ("full", "lora", "reference_attention"), "model.trainable",
-             f"expected full, lora or reference_attention, got {m.get('trainable')!r}")
+    _require(m.get("trainable", "full") in TRAINABLE, "model.trainable",
+             f"expected one of {', '.join(TRAINABLE)}, got {m.get('trainable')!r}")
+    _validate_connector(m.connector)
+    _require(m.get("dtype", "float32") in ("float32", "fp32") or m.get("trainable", "full") != "full"
+             or _deepspeed(cfg) or o.get("allow_low_precision_weights", False), "model.dtype",
+             f"a full fine-tune with model.dtype={m.get('dtype')} outside DeepSpeed runs AdamW on {m.get('dtype')} "
+             "weights, where updates smaller than their rounding are lost. Use launcher=deepspeed_zero2/3 (fp32 "
+             "master weights), or model.dtype=float32 with trainer.mixed_precision=bf16 (FSDP2, DDP), or set "
+             "optim.allow_low_precision_weights=true to train this way anyway")
     _require(m.get("base_quantization") in (None, "int8", "fp8"), "model.base_quantization",
              f"expected int8, fp8 or null, got {m.get('base_quantization')!r}")
     _require(not m.get("base_quantization") or m.get("trainable") == "lora", "model.base_quantization",
              "quantizes the frozen base of a LoRA run: needs model.trainable=lora")
+
+
+TRAINABLE = ("full", "lora", "reference_attention", "connector")
+
+
+def _deepspeed(cfg: DictConfig) -> bool:
+    """Whether DeepSpeed runs this job: launched with a DeepSpeed accelerate config, or a DeepSpeed launcher preset."""
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            or str(cfg.get("launcher", {}).get("name", "")).startswith("deepspeed"))
+
+
+def _validate_connector(c: DictConfig) -> None:
+    from editflow.models.connector import CONNECTOR_KINDS
+
+    if c.get("init_from") == "required":
+        raise ConfigError(
+            "model.connector.init_from: this preset is stage 2 of the two-stage recipe and starts from the connector "
+            "that stage 1 trained: run `editflow train experiment=align_connector ...` first and pass its run "
+            "directory (or a checkpoint, an export, or the public GPT-Image-Edit projector file with "
+            "model.connector.kind=reference) as model.connector.init_from=PATH; model.connector.init_from=null "
+            "starts from a fresh connector instead (README: the two-stage recipe)")
+    _require(c.get("kind", "mlp") in CONNECTOR_KINDS, "model.connector.kind",
+             f"expected one of {', '.join(CONNECTOR_KINDS)}, got {c.get('kind')!r}")
+    std = c.get("token_std", 1.0)
+    _require(std == "from_base" or (isinstance(std, (int, float)) and std > 0), "model.connector.token_std",
+             f"expected a positive number or from_base, got {std!r}")
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> int:

@@ -20,12 +20,42 @@ def load(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+STAGE2 = "model.connector.init_from=/runs/align"  # presets that start from a stage-1 connector need one
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset):
     cfg = load(f"experiment={preset}")
+    if cfg.model.connector.init_from == "required":
+        with pytest.raises(ConfigError, match=r"model\.connector\.init_from: .*experiment=align_connector"):
+            validate(cfg)
+        cfg = load(f"experiment={preset}", STAGE2)
     OmegaConf.resolve(cfg)
     validate(cfg)
     assert (CONFIG_DIR.parent / "launch" / "accelerate" / cfg.launcher.accelerate_config).exists()
+
+
+def test_the_two_stage_recipe():
+    align = load("experiment=align_connector")
+    assert align.model.trainable == "connector" and align.data.bucket_base == 512
+    assert (align.optim.lr, align.optim.schedule, align.objective.guidance) == (1e-3, "constant", 1.0)
+    assert set(align.data.train) == {"edit", "text_to_image"}
+    for stage2 in ("gpt_image_edit_8xa100", "lora_24gb"):
+        assert load(f"experiment={stage2}").model.connector.init_from == "required"
+        validate(load(f"experiment={stage2}", "model.connector.init_from=null"))  # fresh: an explicit choice
+
+
+def test_a_full_fine_tune_in_pure_bf16_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    bf16 = ("model=kontext_qwen25vl_7b", "model.trainable=full", "launcher=local")
+    with pytest.raises(ConfigError, match=r"model\.dtype: .*optim\.allow_low_precision_weights"):
+        validate(load(*bf16))
+    validate(load(*bf16, "+optim.allow_low_precision_weights=true"))
+    validate(load(*bf16, "launcher=deepspeed_zero2"))  # DeepSpeed keeps fp32 master weights
+    validate(load(*bf16, "model.dtype=float32", "trainer.mixed_precision=bf16"))
+    validate(load("model=kontext_qwen25vl_7b", "model.trainable=lora", "launcher=local"))  # fp32 adapters
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # `accelerate launch` with a DeepSpeed config
+    validate(load(*bf16))
 
 
 def test_the_8xa100_recipe():
@@ -82,7 +112,7 @@ def test_lr_at_warmup_end_middle_and_end_of_the_cosine():
 def test_slurm_dry_run_renders_a_requeueing_sbatch(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "editflow.cli", "slurm", "--nodes", "2", "--partition", "gpu", "--time", "12:00:00",
-         "--run-dir", str(tmp_path / "run"), "--dry-run", "--", "experiment=gpt_image_edit_8xa100"],
+         "--run-dir", str(tmp_path / "run"), "--dry-run", "--", "experiment=gpt_image_edit_8xa100", STAGE2],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     script = result.stdout
@@ -94,10 +124,10 @@ def test_slurm_dry_run_renders_a_requeueing_sbatch(tmp_path):
     (tmp_path / "job.sbatch").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0  # valid shell
     bad = subprocess.run([sys.executable, "-m", "editflow.cli", "slurm", "--nodes", "3", "--dry-run", "--",
-                          "experiment=gpt_image_edit_8xa100"], capture_output=True, text=True)
+                          "experiment=gpt_image_edit_8xa100", STAGE2], capture_output=True, text=True)
     assert bad.returncode == 2 and "trainer.global_batch_size" in bad.stderr
     single = subprocess.run([sys.executable, "-m", "editflow.cli", "slurm", "--gpus-per-node", "1", "--dry-run", "--",
-                             "experiment=lora_24gb",
+                             "experiment=lora_24gb", STAGE2,
                              "trainer.max_steps=10"], capture_output=True, text=True)
     assert single.returncode == 0 and "#SBATCH --nodes=1" in single.stdout and "trainer.max_steps=10" in single.stdout
     (tmp_path / "single.sbatch").write_text(single.stdout)

@@ -76,7 +76,7 @@ def test_padding_does_not_change_a_sample_output(tiny_models):
 
 def test_sampler_matches_diffusers_flux_kontext_pipeline(tiny_models):
     """Our sampler and diffusers' FluxKontextPipeline agree given the same embeddings and generator."""
-    pipe = EditPipeline.from_models(tiny_models)
+    pipe = EditPipeline.from_models(tiny_models, guidance=1.0)
     edit = make_edit(3, seed=8)
     ours = pipe(edit.source, edit.instruction, num_inference_steps=4, guidance_scale=2.5,
                 generator=torch.Generator().manual_seed(0), output_type="np")
@@ -94,7 +94,7 @@ def test_sampler_matches_diffusers_flux_kontext_pipeline(tiny_models):
 
 
 def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
-    pipe = EditPipeline.from_models(tiny_models)
+    pipe = EditPipeline.from_models(tiny_models, guidance=1.0)
     edit = make_edit(0)
     run = lambda seed: pipe(edit.source, edit.instruction, num_inference_steps=2,
                             generator=torch.Generator().manual_seed(seed), output_type="np")
@@ -104,7 +104,7 @@ def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
 
 def test_bad_size_is_refused(tiny_models):
     with pytest.raises(ValueError, match="multiples of 16"):
-        EditPipeline.from_models(tiny_models)(make_edit(0).source, "x", height=40, width=64)
+        EditPipeline.from_models(tiny_models, guidance=1.0)(make_edit(0).source, "x", height=40, width=64)
 
 
 def test_token_refiner_keeps_padding_invisible(tiny_model_cfg):

@@ -103,6 +103,7 @@ def build_connector(cfg: DictConfig, qwen_dim: int, transformer: FluxTransformer
         qwen_dim=qwen_dim,
         joint_dim=transformer.config.joint_attention_dim,
         pooled_dim=transformer.config.pooled_projection_dim,
+        kind=cfg.get("kind", "mlp"),
         hidden_dim=cfg.get("hidden_dim"),
         refiner_layers=cfg.get("refiner_layers", 0),
         refiner_heads=cfg.get("refiner_heads", 8),
@@ -139,10 +140,13 @@ REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_
 
 
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
-    """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention."""
+    """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention | connector (stage 1:
+    the transformer frozen, only the connector trains)."""
     mode = cfg.get("trainable", "full")
     if mode == "full":
         transformer.requires_grad_(True)
+    elif mode == "connector":
+        transformer.requires_grad_(False)
     elif mode == "lora":
         from peft import LoraConfig
 
@@ -162,7 +166,7 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
 
 def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
     """LoRA adapters, a partial selection and the connector train in fp32 (so does their AdamW state) on a
-    bf16 base, as diffusers' training scripts do. Not under DeepSpeed, which keeps fp32 master weights of
+    bf16 base, as diffusers' training scripts do (trainable=connector: the connector alone). Not under DeepSpeed, which keeps fp32 master weights of
     its own; a full fine-tune stays in model.dtype (use model.dtype=float32 + mixed precision for FSDP2)."""
     from diffusers.training_utils import cast_training_params
 

@@ -1,9 +1,23 @@
-"""Trainable bridge from Qwen2.5-VL hidden states to FLUX's text inputs."""
+"""Trainable bridge from Qwen2.5-VL hidden states to FLUX's text inputs.
+
+FLUX.1-Kontext was trained on T5 tokens (`encoder_hidden_states`) and a CLIP pooled vector (which drives
+every AdaLN modulation). The connector replaces both, and starts where Kontext expects them:
+
+- tokens: `kind=mlp` (LayerNorm -> Linear -> GELU -> Linear, optional token refiner) or `kind=reference`
+  (the public GPT-Image-Edit projector: Linear(q, 3j) -> SiLU -> Linear(3j, j), no norm; its weights load
+  from that code's checkpoints). `calibrate_` scales the last layer once, on real states, so the output
+  tokens start at T5's RMS instead of the random layer's;
+- pooled: the base's CLIP pooled embedding of the empty prompt (`pooled_base`, a buffer stored with the
+  connector, what the public reference feeds constantly) plus a learned correction from the masked mean of
+  the states whose last layer starts at zero: at step 0 every modulation is the one Kontext knows.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+CONNECTOR_KINDS = ("mlp", "reference")
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -12,36 +26,81 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def _refiner_layer(dim: int, heads: int) -> nn.TransformerEncoderLayer:
+    """A pre-norm transformer layer whose residual branches start at zero: the refiner begins as the identity,
+    so calibrating the MLP calibrates the connector's output exactly."""
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    for linear in (layer.self_attn.out_proj, layer.linear2):
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    return layer
+
+
 class Connector(nn.Module):
-    """Qwen states (B, L, qwen_dim) -> encoder_hidden_states (B, L, joint_dim) and pooled (B, pooled_dim).
+    """Qwen states (B, L, qwen_dim) -> encoder_hidden_states (B, L, joint_dim) and pooled (B, pooled_dim)."""
 
-    The token path is an MLP (qwen_dim -> hidden_dim -> joint_dim). The pooled
-    vector, which FLUX feeds into its timestep modulation, is a learned
-    projection of the masked mean of the Qwen states, so it depends on the
-    actual instruction and image (not a CLIP embedding of an empty prompt).
-    """
-
-    def __init__(self, qwen_dim: int, joint_dim: int, pooled_dim: int, hidden_dim: int | None = None,
-                 refiner_layers: int = 0, refiner_heads: int = 8):
+    def __init__(self, qwen_dim: int, joint_dim: int, pooled_dim: int, kind: str = "mlp",
+                 hidden_dim: int | None = None, refiner_layers: int = 0, refiner_heads: int = 8):
         super().__init__()
-        hidden_dim = hidden_dim or joint_dim
-        self.sizes = {"qwen_dim": qwen_dim, "joint_dim": joint_dim, "pooled_dim": pooled_dim, "hidden_dim": hidden_dim,
-                      "refiner_layers": refiner_layers, "refiner_heads": refiner_heads}
-        self.norm = nn.LayerNorm(qwen_dim)  # last-layer LLM states have large, uneven scales
-        self.mlp = nn.Sequential(nn.Linear(qwen_dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, joint_dim))
-        self.pooled = nn.Sequential(nn.Linear(qwen_dim, pooled_dim), nn.SiLU(), nn.Linear(pooled_dim, pooled_dim))
-        # Optional token refiner: a few pre-norm transformer layers over the connector's output tokens
-        # (absent by default, so the MLP's weights keep the public reference's layout).
-        self.refiner = nn.ModuleList(
-            nn.TransformerEncoderLayer(joint_dim, refiner_heads, dim_feedforward=2 * joint_dim, dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(refiner_layers)
-        ) if refiner_layers else None
+        if kind not in CONNECTOR_KINDS:
+            raise ValueError(f"model.connector.kind: expected one of {CONNECTOR_KINDS}, got {kind!r}")
+        if kind == "reference":
+            hidden_dim = 3 * joint_dim  # the reference's `output_hidden_size * 3`
+            self.norm, act = nn.Identity(), nn.SiLU()
+        else:
+            hidden_dim = hidden_dim or joint_dim
+            self.norm, act = nn.LayerNorm(qwen_dim), nn.GELU(approximate="tanh")  # LLM states: uneven scales
+        self.sizes = {"kind": kind, "qwen_dim": qwen_dim, "joint_dim": joint_dim, "pooled_dim": pooled_dim,
+                      "hidden_dim": hidden_dim, "refiner_layers": refiner_layers, "refiner_heads": refiner_heads}
+        self.mlp = nn.Sequential(nn.Linear(qwen_dim, hidden_dim), act, nn.Linear(hidden_dim, joint_dim))
+        self.refiner = nn.ModuleList(_refiner_layer(joint_dim, refiner_heads)
+                                     for _ in range(refiner_layers)) if refiner_layers else None
+        self.register_buffer("pooled_base", torch.zeros(pooled_dim))
+        self.pooled_correction = nn.Sequential(nn.LayerNorm(qwen_dim), nn.Linear(qwen_dim, pooled_dim), nn.SiLU(),
+                                               nn.Linear(pooled_dim, pooled_dim))
+        nn.init.zeros_(self.pooled_correction[-1].weight)
+        nn.init.zeros_(self.pooled_correction[-1].bias)
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.norm(states)
-        keep = mask.to(states.dtype).unsqueeze(-1)
-        tokens = self.mlp(states)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mlp[0].weight.dtype
+
+    def tokens(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.mlp(self.norm(states))
         for layer in self.refiner or ():
             tokens = layer(tokens, src_key_padding_mask=~mask)  # real tokens never attend to padding
-        return tokens * keep, self.pooled(masked_mean(states, mask))  # padding carries exact zeros
+        return tokens * mask.to(tokens.dtype).unsqueeze(-1)  # padding carries exact zeros
+
+    def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        correction = self.pooled_correction(masked_mean(states, mask))
+        return self.pooled_base.to(correction.dtype) + correction
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokens(states, mask), self.pooled(states, mask)
+
+    @torch.no_grad()
+    def calibrate_(self, states: torch.Tensor, mask: torch.Tensor, target_rms: float) -> float:
+        """Scale the token path's last layer so the RMS of the valid output tokens of `states` is `target_rms`;
+        returns the RMS before. Exact with a refiner too (its residual branches start at zero)."""
+        before = float(self.tokens(states, mask)[mask].float().pow(2).mean().sqrt())
+        if before > 0:
+            last = self.mlp[-1]
+            last.weight.mul_(target_rms / before)
+            last.bias.mul_(target_rms / before)
+        return before
+
+
+# Public GPT-Image-Edit / UniWorld projector: `denoise_tower.denoise_projector.{0,2}.{weight,bias}` of their
+# Qwen2.5-VL model (its stage-1 checkpoints save these keys, loaded there with strict=False).
+REFERENCE_PROJECTOR = "denoise_projector."
+
+
+def reference_projector_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The public projector's tensors renamed to ours (`mlp.0.*`, `mlp.2.*`), or None if `state` has none."""
+    found = {}
+    for key, tensor in state.items():
+        if REFERENCE_PROJECTOR in key:
+            rest = key.split(REFERENCE_PROJECTOR, 1)[1]  # "0.weight"
+            found[f"mlp.{rest}"] = tensor
+    return found or None

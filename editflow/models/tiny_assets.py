@@ -218,21 +218,49 @@ def train_vae(
     print(f"saved tiny VAE to {out}: shift_factor={shift:.4f} scaling_factor={scale:.4f}")
 
 
+def build_base_text_encoders(out: Path, pooled_dim: int = 64, seed: int = 0) -> None:
+    """The tiny base's CLIP in FLUX.1-Kontext's layout (`text_encoder/`, `tokenizer/`): the connector's pooled
+    vector starts at its pooled embedding of the empty prompt, as it starts at CLIP-L's for the real base."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[bos, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, bpe.token_to_id(bos)), (eos, bpe.token_to_id(eos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=eos,
+                                        model_max_length=77)
+    tokenizer.save_pretrained(out / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=pooled_dim, intermediate_size=2 * pooled_dim,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    CLIPTextModel(config).save_pretrained(out / "text_encoder")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "tiny")
     parser.add_argument("--vae-crop-steps", type=int, default=3000)
     parser.add_argument("--vae-full-steps", type=int, default=1500)
     parser.add_argument("--vae-init", type=Path, default=None, help="start from these VAE weights (skips crop phase)")
-    parser.add_argument("--skip-vae", action="store_true", help="rebuild only the Qwen assets")
+    parser.add_argument("--skip-vae", action="store_true", help="rebuild only the Qwen and CLIP assets")
     args = parser.parse_args(argv)
     build_qwen(args.out / "qwen")
+    build_base_text_encoders(args.out / "base")
     if not args.skip_vae:
         train_vae(args.out / "vae", args.vae_crop_steps, args.vae_full_steps, init=args.vae_init)
     (args.out / "README.md").write_text(
         "Tiny assets for tests and the toy default, built by `python -m editflow.models.tiny_assets`.\n"
         "qwen/: offline byte-level BPE tokenizer with Qwen special tokens, PIL image processor, random tiny\n"
         "Qwen2_5_VLForConditionalGeneration. vae/: AutoencoderKL (16 latent channels, 8x) trained on toy scenes.\n"
+        "base/: the tiny base's CLIP text encoder + tokenizer (FLUX.1-Kontext layout), for the connector's pooled init.\n"
     )
     print(json.dumps({"out": str(args.out)}))
 
