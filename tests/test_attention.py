@@ -165,7 +165,7 @@ def test_sampler_cfg_branches_equal_each_branch_alone(exact_kernels, tiny_model_
     """Two-scale CFG pads the [full, image-only, none] branches to one length: each branch's velocity equals
     the one it gets unpadded, alone, and the sampler's edit of a sample does not depend on its batch."""
     editor = tiny_editor(tiny_model_cfg, backend).eval()
-    pipe = EditPipeline(editor, tiny_models.conditioner, tiny_models.codec, tiny_models.scheduler)
+    pipe = EditPipeline(editor, tiny_models.conditioner, tiny_models.codec, tiny_models.scheduler, guidance=1.0)
     edits = [make_edit(i, seed=5) for i in range(2)]
     images, instructions = [e.source for e in edits], [e.instruction for e in edits]
     embeds, pooled, mask, branches, padded = pipe._conditioning(images, instructions, 2.0, 1.5)
