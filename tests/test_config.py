@@ -39,7 +39,7 @@ def test_the_two_stage_recipe():
     align = load("experiment=align_connector")
     assert align.model.trainable == "connector" and align.data.bucket_base == 512
     assert (align.optim.lr, align.optim.schedule, align.objective.guidance) == (1e-3, "constant", 1.0)
-    assert set(align.data.train) == {"edit", "text_to_image"}
+    assert set(align.data.train) == {"omniedit", "hqedit", "ultraedit", "text_to_image"}
     for stage2 in ("gpt_image_edit_8xa100", "lora_24gb"):
         assert load(f"experiment={stage2}").model.connector.init_from == "required"
         validate(load(f"experiment={stage2}", "model.connector.init_from=null"))  # fresh: an explicit choice
