@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from editflow.data.images import to_gray, to_rgb
 from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
@@ -172,7 +173,11 @@ class EditPipeline:
         width = width or images[0].width // m * m
         if height % m or width % m:
             raise ValueError(f"height and width must be multiples of {m}, got {width}x{height}")
-        fit = lambda im: im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
+
+        def fit(im: Image.Image) -> Image.Image:  # any mode, read the way convert and the loader read it
+            im = to_rgb(im)
+            return im if im.size == (width, height) else im.resize((width, height), Image.BICUBIC)
+
         sources = [fit(im) for im in images for _ in range(num_images_per_prompt)]
         instructions = [t for t in instructions for _ in range(num_images_per_prompt)]
         prompt_embeds, pooled, text_mask, branches = self._conditioning(
@@ -187,7 +192,7 @@ class EditPipeline:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         keep = None
         if mask is not None:
-            editable = image_tensor(mask.convert("RGB").resize((width, height), Image.NEAREST))[:1] > 0
+            editable = image_tensor(to_gray(mask).resize((width, height), Image.NEAREST))[:1] > 0
             # A latent cell is editable when any of its pixels is (max-pool), so edits reach the mask's edge.
             keep = 1.0 - torch.nn.functional.max_pool2d(editable[None].float(), self.codec.downsample).to(self.device)
         latents = self.sample(

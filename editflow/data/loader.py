@@ -9,12 +9,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from editflow.data.images import to_rgb
 from editflow.data.samples import EditSample, decode_sample
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """PIL image (any mode, read as `to_rgb` reads it) -> (3, H, W) float tensor in [-1, 1]."""
+    array = np.asarray(to_rgb(image), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 

@@ -8,6 +8,8 @@ import json
 
 from PIL import Image
 
+from editflow.data.images import to_gray, to_rgb
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -42,7 +44,7 @@ def _image(raw: dict, role: str, required: bool = True) -> Image.Image | None:
                 image.load()
             except Exception as err:
                 raise SampleError("undecodable_image", f"{_where(raw)}, field {role}.{ext}: cannot decode ({err})") from err
-            return image.convert("RGB") if role != "mask" else image.convert("L")
+            return to_rgb(image) if role != "mask" else to_gray(image)
     if required:
         raise SampleError("missing_field", f"{_where(raw)}: no {role}.{{{','.join(IMAGE_EXTS)}}} field")
     return None
