@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from editflow.pipeline import EditPipeline
 
     try:
-        samples = read_samples(resolve_urls(args.data), args.limit)
+        samples = read_samples(resolve_urls(args.data, "--data"), args.limit)
         pipe = EditPipeline.from_pretrained(args.model, device=args.device)
     except (FileNotFoundError, ValueError) as err:
         print(f"editflow eval: error: {err}", file=sys.stderr)

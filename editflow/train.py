@@ -16,20 +16,20 @@ register_resolvers()
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from editflow.errors import EditflowError, report
     from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
-    from editflow.validate import ConfigError, validate
+    from editflow.validate import validate
 
     run_dir = HydraConfig.get().runtime.output_dir
-    OmegaConf.resolve(cfg)
     try:
+        OmegaConf.resolve(cfg)
         validate(cfg)  # bad values fail here, before any model loads
-    except ConfigError as err:
-        logging.getLogger(__name__).error("invalid config: %s", err)
-        raise
-    OmegaConf.save(cfg, f"{run_dir}/config.yaml")
-    logging.getLogger(__name__).info("run directory: %s", run_dir)
-    trainer = Trainer(cfg, run_dir)
-    trainer.train()
+        OmegaConf.save(cfg, f"{run_dir}/config.yaml")
+        logging.getLogger(__name__).info("run directory: %s", run_dir)
+        trainer = Trainer(cfg, run_dir)  # data, run directory and checkpoint checks come before the models
+        trainer.train()
+    except EditflowError as err:  # bad input: one paragraph, no traceback
+        report("train", err)
     if trainer.preempted:  # the SLURM template requeues the job on this exit code
         sys.exit(int(cfg.trainer.preempt_exit_code))
 
