@@ -50,8 +50,16 @@ def _image(raw: dict, role: str, required: bool = True) -> Image.Image | None:
     return None
 
 
+def reject_duplicate(raw: dict) -> None:
+    """Two records written under one key arrive as one sample with repeated fields (see `iter_tar`)."""
+    if "__duplicate__" in raw:
+        raise SampleError("duplicate_key", f"{_where(raw)}: two records share this key (field "
+                                           f"{raw['__duplicate__']} repeats); convert the data again")
+
+
 def decode_sample(raw: dict) -> EditSample:
     """A raw webdataset dict (bytes per extension) -> EditSample, or SampleError saying what is wrong."""
+    reject_duplicate(raw)
     if "json" not in raw:
         raise SampleError("missing_field", f"{_where(raw)}: no json field")
     try:

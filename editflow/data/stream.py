@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,12 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
-from editflow.data.loader import image_tensor
-from editflow.data.samples import SampleError, decode_sample
+from editflow.data.loader import SHARD_ERRORS, image_tensor, iter_tar
+from editflow.data.samples import SampleError, decode_sample, reject_duplicate
 from editflow.errors import ConfigError, DataError, EditflowError
-
-# What reading a damaged, truncated or vanished shard raises (zlib/gzip errors are OSError or EOFError).
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +45,6 @@ class ShardSet:
     urls: list[str]
     weight: float = 1.0
     encoding: dict | None = None  # pre-encoded shards: the manifest's record of how (data/encoded.py)
-
-
-def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
-    """Samples of one tar shard as webdataset dicts; while `meta_only()` is true, non-json members are skipped
-    unread (tarfile seeks over them) and the sample is marked `__partial__`. A member that repeats one of
-    its sample's fields (two records written under one key) marks the sample `__duplicate__`."""
-    with tarfile.open(url, mode="r:") as tar:
-        current: dict | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if ext in current:
-                current["__duplicate__"] = ext
-            if ext == "json" or not meta_only():
-                current[ext] = tar.extractfile(member).read()
-            else:
-                current["__partial__"] = True
-        if current is not None:
-            yield current
 
 
 def refetch(raw: dict) -> dict:
@@ -249,9 +220,7 @@ class BucketStream(IterableDataset):
         return samples
 
     def _decode_one(self, raw: dict):
-        if "__duplicate__" in raw:
-            raise SampleError("duplicate_key", f"shard {raw['__url__']}, key {raw['__key__']}: two records share "
-                                               f"this key (field {raw['__duplicate__']} repeats); convert again")
+        reject_duplicate(raw)
         return decode_encoded(raw) if self.encoded else decode_sample(raw)
 
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
