@@ -21,7 +21,6 @@ full pass yields no sample at all.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,8 @@ from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucke
 from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import SHARD_ERRORS, image_tensor, iter_tar
 from editflow.data.samples import SampleError, decode_sample, reject_duplicate
+from editflow.data.skips import SkipCounter
 from editflow.errors import ConfigError, DataError, EditflowError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,7 +104,7 @@ class BucketStream(IterableDataset):
         bucket_base: int = 1024,
         source_pixels: int | None = None,
         max_skip_rate: float = 0.05,
-        min_seen_for_skip_rate: int = 200,
+        min_seen_for_skip_rate: int | None = None,
         square_only: bool = False,
         encoded: bool = False,
     ):
@@ -118,21 +116,9 @@ class BucketStream(IterableDataset):
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
-        self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
-        self.skipped: dict[str, int] = {}
-        self.seen = 0
+        self.skips = SkipCounter(max_skip_rate, min_seen_for_skip_rate)
         self._fast_forward = False  # while true, shards are read for their json only
-
-    def _skip(self, reason: str, message: str) -> None:
-        """Count one unusable sample or shard; past `max_skip_rate` (after `min_seen` reads) the run stops."""
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        total = sum(self.skipped.values())
-        log.warning("skipping (%d skipped so far): %s", total, message)
-        if self.seen >= self.min_seen and total / self.seen > self.max_skip_rate:
-            raise DataError(f"{total} of {self.seen} samples read by this process failed ({self.skipped}), over "
-                            f"data.max_skip_rate={self.max_skip_rate:.1%}; last: {message}. Check the shards with "
-                            "`editflow data verify DIR`, fix or leave out the bad ones, or raise data.max_skip_rate")
 
     def _shard(self, url: str) -> Iterator[dict]:
         """The samples of one shard; a shard that cannot be read to the end is counted as one skip and the
@@ -142,8 +128,8 @@ class BucketStream(IterableDataset):
         except SHARD_ERRORS as err:
             if self._fast_forward:  # counted when it was first read, before the resume
                 return
-            self.seen += 1
-            self._skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: {err}); "
+            self.skips.seen += 1
+            self.skips.skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: {err}); "
                                            "its remaining samples are skipped")
 
     # -- which shards this rank/worker reads -------------------------------------------------
@@ -209,13 +195,13 @@ class BucketStream(IterableDataset):
     def _decode(self, raws: list[dict]) -> list:
         samples = []
         for raw in raws:
-            self.seen += 1
+            self.skips.seen += 1
             try:
                 samples.append(self._decode_one(refetch(raw) if raw.get("__partial__") else raw))
             except SampleError as err:
-                self._skip(err.reason, str(err))
+                self.skips.skip(err.reason, str(err))
             except SHARD_ERRORS as err:  # the shard was damaged after the fast-forward read its json
-                self._skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be read "
+                self.skips.skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be read "
                                                f"({type(err).__name__}: {err})")
         return samples
 
@@ -228,7 +214,7 @@ class BucketStream(IterableDataset):
             batch = collate_encoded(samples)
         else:
             batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
-        return {**batch, "skipped": dict(self.skipped)}
+        return {**batch, "skipped": dict(self.skips.counts)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
