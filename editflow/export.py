@@ -25,6 +25,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from editflow.errors import EditflowError, report
+from editflow.model_paths import EXPORT_FILE, LORA_FILE, resolve_checkpoint
 
 COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-original keys
 
@@ -32,8 +33,6 @@ COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-ori
 def check_destination(out: Path, overwrite: bool) -> None:
     """Refuse, before anything loads, an output that would destroy files or cannot be written: a non-empty
     directory is replaced only when it is an earlier export and `overwrite` is given."""
-    from editflow.pipeline import EXPORT_FILE
-
     if out.exists() and not out.is_dir():
         raise EditflowError(f"--out {out} is a file; give a directory for the export")
     if out.is_dir() and any(out.iterdir()):
@@ -51,7 +50,7 @@ def check_destination(out: Path, overwrite: bool) -> None:
 def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
     """Write the export of a run or checkpoint into `out` (built in `out.tmp`, then renamed into place; an
     earlier export there is replaced only with `overwrite`)."""
-    from editflow.pipeline import EXPORT_FILE, EditPipeline, resolve_checkpoint
+    from editflow.pipeline import EditPipeline
 
     out = Path(out)
     check_destination(out, overwrite)
@@ -81,8 +80,6 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwr
 
 
 def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
-    from editflow.pipeline import EXPORT_FILE
-
     config = pipe.config
     transformer = pipe.editor.transformer
     kind = "lora" if config.model.get("trainable") == "lora" else "full"
@@ -123,7 +120,6 @@ def _write_lora(transformer, directory: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     from editflow.lora_formats import diffusers_to_comfyui
-    from editflow.pipeline import LORA_FILE
 
     layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     lora_config = transformer.peft_config["default"]

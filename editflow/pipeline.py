@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from editflow.data.images import to_gray, to_rgb
 from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
-from editflow.errors import CheckpointError
+from editflow.model_paths import EXPORT_FILE, LORA_FILE, read_export, resolve_checkpoint
 from editflow.models.build import Models, build_models
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import KontextEditor
@@ -29,45 +28,6 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images (rounded to the nearest uint8)."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in array]
-
-
-EXPORT_FILE = "editflow.json"  # what makes a directory an `editflow export`
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(DIR) looks for
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory (its newest intact checkpoint; a damaged newer one is
-    skipped with a warning) or a checkpoint path; CheckpointError saying what `path` is instead."""
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"{path} is a file; give a run directory, a checkpoint directory "
-                              "(checkpoints/step-NNNNNNN) or an `editflow export` directory")
-    if path.is_dir() and not ckpt.is_checkpoint(path) and not (path / "checkpoints").is_dir():
-        if (path / "model_index.json").exists():
-            raise CheckpointError(f"{path} is a diffusers pipeline, not an editflow model: editflow conditions "
-                                  "FLUX on Qwen2.5-VL through a trained connector, which `editflow export` writes "
-                                  f"beside the weights (with {EXPORT_FILE}); export a run or checkpoint first")
-        raise CheckpointError(f"{path}: not an export ({EXPORT_FILE}), a checkpoint (model.safetensors + "
-                              "train_state.json) or a run directory (checkpoints/step-NNNNNNN/)")
-    return ckpt.resolve(path)
-
-
-def read_export(path: Path) -> dict:
-    """The `editflow.json` of an export, checked to be one this version reads."""
-    try:
-        export = json.loads((path / EXPORT_FILE).read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path / EXPORT_FILE} is damaged ({err}); export the run again") from None
-    if export.get("format") != "editflow-export" or export.get("kind") not in ("full", "lora") \
-            or "config" not in export:
-        raise CheckpointError(f"{path / EXPORT_FILE}: not an editflow export description (format "
-                              f"{export.get('format')!r}, kind {export.get('kind')!r}); export the run again")
-    needed = ["connector/model.safetensors", LORA_FILE if export["kind"] == "lora" else "transformer"]
-    missing = [name for name in needed if not (path / name).exists()]
-    if missing:
-        raise CheckpointError(f"{path}: a {export['kind']} export without {', '.join(missing)}; it was copied "
-                              "incompletely: copy or export it again")
-    return export
 
 
 class EditPipeline:

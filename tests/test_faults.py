@@ -163,7 +163,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(checkpoint
 
 
 def test_edit_eval_and_export_also_skip_a_damaged_newest_checkpoint(checkpointed, tmp_path, caplog):
-    from editflow.pipeline import resolve_checkpoint
+    from editflow.model_paths import resolve_checkpoint
 
     checkpoints = copy_run(checkpointed, tmp_path)
     (checkpoints / "step-0000004" / "train_state.json").write_text("")

@@ -84,6 +84,13 @@ class QwenVLConditioner(nn.Module):
         """Tokens an instruction adds (without the image), for validating input length before sampling."""
         return len(self.processor.tokenizer(instruction, add_special_tokens=False)["input_ids"])
 
+    def conditioning_length(self, image: Image.Image | None, instruction: str) -> int:
+        """Tokens Qwen reads for (image, instruction) once the template prefix is dropped, without running it:
+        what `encode` holds against max_length (the image's share depends on its size and the pixel budget)."""
+        text = self.processor.apply_chat_template(self._messages(instruction, image is not None), tokenize=False)
+        inputs = self.processor(text=[text], images=None if image is None else [image], return_tensors="pt")
+        return inputs["input_ids"].shape[1] - len(self.prefix_ids)
+
     @property
     def device(self) -> torch.device:
         return self.model.device
