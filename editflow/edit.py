@@ -23,11 +23,12 @@ from tqdm import tqdm
 from editflow.data.buckets import nearest_bucket
 from editflow.data.images import to_gray, to_rgb
 from editflow.errors import EditflowError, report
+from editflow.model_paths import read_model_config
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-class RequestError(ValueError):
+class RequestError(EditflowError, ValueError):
     """A request that cannot be run; the message says which input and why."""
 
 
@@ -276,21 +277,6 @@ def read_batch(path: str, defaults: EditRequest) -> list[EditRequest]:
     return requests
 
 
-def model_config(model: str):
-    """The training config of --model, read without loading it (an export's editflow.json, or the
-    checkpoint's train_state.json), and the path to load: a run directory resolves to its checkpoint."""
-    from omegaconf import OmegaConf
-
-    from editflow import checkpoint as ckpt
-    from editflow.model_paths import EXPORT_FILE, read_export, resolve_checkpoint
-
-    path = Path(model)
-    if (path / EXPORT_FILE).exists():
-        return OmegaConf.create(read_export(path)["config"]), path
-    checkpoint = resolve_checkpoint(path)
-    return OmegaConf.create(ckpt.load_train_state(checkpoint)["config"]), checkpoint
-
-
 def prepare_all(requests: list[EditRequest], limits: ModelLimits, batch: bool) -> list[PreparedRequest]:
     """Every request checked, and no two writing the same file."""
     prepared, owners = [], {}
@@ -337,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         requests = read_batch(args.batch, defaults) if args.batch else [defaults]
         if not args.batch and not args.out:
             raise RequestError("give --out (or --batch)")
-        config, model = model_config(args.model)
+        config, model = read_model_config(args.model)
         prepared = prepare_all(requests, ModelLimits.from_config(config, args.allow_large), bool(args.batch))
         for item in prepared:
             if note := scale_note(item):
@@ -350,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 check_against_model(item, pipe)
             except RequestError as err:
                 raise RequestError(f"request {i}: {err}" if args.batch else str(err)) from None
-    except (RequestError, EditflowError, FileNotFoundError) as err:
+    except (EditflowError, FileNotFoundError) as err:
         report("edit", err, code=2)
     guidance = float(pipe.config.eval.get("guidance", pipe.config.objective.guidance))
     for item in tqdm(prepared, desc="edit", unit="request", disable=len(prepared) == 1):

@@ -47,3 +47,15 @@ def read_export(path: Path) -> dict:
         raise CheckpointError(f"{path}: a {export['kind']} export without {', '.join(missing)}; it was copied "
                               "incompletely: copy or export it again")
     return export
+
+
+def read_model_config(model: str | os.PathLike):
+    """(training config, path to load) of a `--model`, without loading it: an export's editflow.json, or the
+    checkpoint's train_state.json (a run directory resolves to its newest intact checkpoint)."""
+    from omegaconf import OmegaConf
+
+    path = Path(model)
+    if (path / EXPORT_FILE).exists():
+        return OmegaConf.create(read_export(path)["config"]), path
+    checkpoint = resolve_checkpoint(path)
+    return OmegaConf.create(ckpt.load_train_state(checkpoint)["config"]), checkpoint

@@ -1,5 +1,6 @@
 import itertools
 import json
+import os
 
 import pytest
 
@@ -103,8 +104,7 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
 
 
 def truncate(path, fraction):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: int(len(data) * fraction)])
+    os.truncate(path, int(os.path.getsize(path) * fraction))
 
 
 def test_truncated_shard_is_counted_as_a_skip_naming_it(tmp_path, caplog):
@@ -162,3 +162,20 @@ def test_worker_errors_reach_the_trainer_as_one_paragraph(tmp_path):
     with pytest.raises(DataError) as info:
         next(make([str(tmp_path / "empty.tar")], workers=1))
     assert "Traceback" not in str(info.value) and "yielded no sample" in str(info.value)
+
+
+def test_a_shard_cut_between_two_members_is_detected(tmp_path):
+    """tarfile ends silently when the cut falls on a member boundary: the missing end blocks give it away."""
+    import tarfile
+
+    from editflow.data.loader import iter_tar
+
+    write_shard(tmp_path / "s.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+    boundary = members[6].offset  # the header of the 2nd sample's 3rd member: its src/tgt are gone
+    os.truncate(tmp_path / "s.tar", boundary)
+    with pytest.raises(tarfile.ReadError, match=f"no end-of-archive blocks at byte {boundary}"):
+        list(iter_tar(str(tmp_path / "s.tar")))
+    write_shard(tmp_path / "whole.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
+    assert len(list(iter_tar(str(tmp_path / "whole.tar")))) == 4

@@ -26,7 +26,8 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
     """Samples of one tar shard as webdataset dicts; while `meta_only()` is true, non-json members are skipped
     unread (tarfile seeks over them) and the sample is marked `__partial__`. A member that repeats one of
-    its sample's fields (two records written under one key) marks the sample `__duplicate__`."""
+    its sample's fields (two records written under one key) marks the sample `__duplicate__`. A shard cut
+    short raises tarfile.ReadError (tarfile itself stops silently when the cut falls between members)."""
     with tarfile.open(url, mode="r:") as tar:
         current: dict | None = None
         for member in tar:
@@ -44,6 +45,10 @@ def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
                 current[ext] = tar.extractfile(member).read()
             else:
                 current["__partial__"] = True
+        tar.fileobj.seek(tar.offset)  # where tarfile stopped: a complete archive has its end blocks there
+        if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(f"no end-of-archive blocks at byte {tar.offset}: the file is cut short or "
+                                    "damaged there")
         if current is not None:
             yield current
 
