@@ -2,9 +2,9 @@
 
     editflow slurm experiment=gpt_image_edit_8xa100 --nodes 2 --partition gpu --time 48:00:00 --dry-run
 
-Hydra overrides (key=value) may stand anywhere on the line, or after `--`. They are composed first, so a bad value fails here, not hours later in the queue. The
-job continues its run directory with trainer.resume=auto, checkpoints on SLURM's USR1 warning and is
-requeued until training finishes.
+Hydra overrides (key=value) may stand anywhere on the line, or after `--`. They are composed first, so a
+bad value fails here, not hours later in the queue. The job continues its run directory with
+trainer.resume=auto, checkpoints on SLURM's USR1 warning and is requeued until training finishes.
 """
 
 from __future__ import annotations

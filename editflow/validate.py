@@ -51,7 +51,7 @@ def validate(cfg: DictConfig) -> None:
         _require(d.kind != "toy" or d.get(key) is None, f"data.{key}",
                  f"the toy data (data=toy, the default) has no data.{key} and would ignore it; add data=shards to "
                  f"train on shards: editflow train data=shards data.{key}=DIR ...")
-    _require(d.kind != "shards" or d.get("pre_encoded") or not OmegaConf.is_missing(d, "train"), "data.train",
+    _require(d.kind != "shards" or not OmegaConf.is_missing(d, "train"), "data.train",
              "is not set: give a shard directory (editflow data convert --out), a list of them, or "
              "{name: {path: DIR, weight: W}}")
     _require(d.bucket_base % 16 == 0, "data.bucket_base", f"must be a multiple of 16, got {d.bucket_base}")

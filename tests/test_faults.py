@@ -227,3 +227,17 @@ def test_an_instruction_over_the_encoder_budget_is_skipped_and_the_run_continues
     assert [m["step"] for m in metrics] == list(range(1, 15))
     assert metrics[-1]["data/skipped_unencodable"] >= 1
     assert all(m["loss"] == m["loss"] for m in metrics)  # finite: the refused sample never reached the model
+
+
+def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EDITFLOW_CACHE=str(tmp_path / "cache"))
+    for override, key in (("optim.lr=-1", "optim.lr"), ("data.train=/nonexistent", "data.train")):
+        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards", override,
+                                 f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines()[-1].startswith(f"editflow train: error: {key}: ")

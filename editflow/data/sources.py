@@ -99,7 +99,8 @@ def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
         return resolve_urls(str(ensure_toy(cfg.toy, split, progress)), f"data.toy ({split})")
     spec = cfg.get(split)
     if not spec:
-        raise ConfigError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar files")
+        raise ConfigError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar "
+                          "files")
     return resolve_urls(spec, f"data.{split}")
 
 

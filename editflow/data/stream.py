@@ -129,8 +129,8 @@ class BucketStream(IterableDataset):
             if self._fast_forward:  # counted when it was first read, before the resume
                 return
             self.skips.seen += 1
-            self.skips.skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: {err}); "
-                                           "its remaining samples are skipped")
+            self.skips.skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: "
+                                                f"{err}); its remaining samples are skipped")
 
     # -- which shards this rank/worker reads -------------------------------------------------
     def _my_shards(self, shard_set: ShardSet, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -201,8 +201,8 @@ class BucketStream(IterableDataset):
             except SampleError as err:
                 self.skips.skip(err.reason, str(err))
             except SHARD_ERRORS as err:  # the shard was damaged after the fast-forward read its json
-                self.skips.skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be read "
-                                               f"({type(err).__name__}: {err})")
+                self.skips.skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be "
+                                                    f"read ({type(err).__name__}: {err})")
         return samples
 
     def _decode_one(self, raw: dict):
