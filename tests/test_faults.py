@@ -235,9 +235,11 @@ def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
     import sys
 
     env = dict(os.environ, EDITFLOW_CACHE=str(tmp_path / "cache"))
-    for override, key in (("optim.lr=-1", "optim.lr"), ("data.train=/nonexistent", "data.train")):
-        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards", override,
-                                 f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
-                                timeout=600)
+    (tmp_path / "file").write_text("")
+    for override, key in (("optim.lr=-1", "optim.lr"), ("data.train=/nonexistent", "data.train"),
+                          (f"hydra.run.dir={tmp_path / 'file' / 'run'}", "hydra.run.dir")):
+        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards",
+                                 f"hydra.run.dir={tmp_path / 'run'}", override], env=env, capture_output=True,
+                                text=True, timeout=600)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.splitlines()[-1].startswith(f"editflow train: error: {key}: ")

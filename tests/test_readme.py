@@ -22,7 +22,6 @@ from editflow.config import CONFIG_DIR
 ROOT = CONFIG_DIR.parent
 ENTRY_POINTS = {"editflow", ".venv/bin/editflow"}
 PYTHONS = {"python", "python3", ".venv/bin/python"}
-HEAVY = ("train", "encode")  # always dry: real models or minutes of training
 
 
 def readme_commands() -> list[list[str]]:
@@ -85,7 +84,8 @@ def workspace(quick_model, tmp_path_factory):
 
 @pytest.fixture()
 def dry(monkeypatch):
-    """Stops each editflow command after its own checks: no training, encoding or timing."""
+    """`dry(command)` stops `editflow COMMAND` once its own checks are done: no training, encoding, timing or
+    model loading."""
     import argparse
 
     import editflow.bench
@@ -102,10 +102,6 @@ def dry(monkeypatch):
         def train(self):
             return {}
 
-    monkeypatch.setattr(editflow.trainer, "Trainer", DryTrainer)
-    monkeypatch.setattr(editflow.preencode, "encode", lambda cfg: Path(str(cfg.encode.out)))
-    monkeypatch.setattr(editflow.bench, "time_variant", lambda *args: {"samples_per_s": 1.0})
-    monkeypatch.setattr(editflow.bench, "measure_peak_tflops", lambda *args: 1.0)
     parse_args = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, *args, **kwargs):
@@ -115,21 +111,28 @@ def dry(monkeypatch):
     def load_then_stop(*args, **kwargs):
         raise Parsed("model")
 
-    def stop_after_parse(command: str) -> None:
-        if command in ("edit", "eval", "export"):  # their checks of files and arguments come before the model
+    def stop(command: str) -> None:
+        if command == "train":  # Hydra parses, composes and validates; the trainer does nothing
+            monkeypatch.setattr(editflow.trainer, "Trainer", DryTrainer)
+        elif command == "encode":
+            monkeypatch.setattr(editflow.preencode, "encode", lambda cfg: Path(str(cfg.encode.out)))
+        elif command == "bench":  # composes and builds the config; times nothing
+            monkeypatch.setattr(editflow.bench, "time_variant", lambda *args: {"samples_per_s": 1.0})
+            monkeypatch.setattr(editflow.bench, "measure_peak_tflops", lambda *args: 1.0)
+        elif command in ("edit", "eval", "export"):  # their checks of files and arguments come before the model
             monkeypatch.setattr(editflow.pipeline.EditPipeline, "from_pretrained", load_then_stop)
         else:
             monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
 
-    return stop_after_parse
+    return stop
 
 
-def run_editflow(argv: list[str], real: bool, stop_after_parse) -> None:
+def run_editflow(argv: list[str], real: bool, stop) -> None:
     """`editflow ARGV` in this process; a non-zero exit fails the test with the command's own message."""
     from editflow.cli import main
 
-    if not real and argv[0] not in (*HEAVY, "bench", "slurm"):
-        stop_after_parse(argv[0])
+    if not real:
+        stop(argv[0])
     try:
         main(argv)
     except Parsed:
@@ -138,18 +141,18 @@ def run_editflow(argv: list[str], real: bool, stop_after_parse) -> None:
         assert exit_info.code in (0, None), f"editflow {shlex.join(argv)} exited {exit_info.code}"
 
 
-def check(tokens: list[str], optional: bool, stop_after_parse) -> None:
+def check(tokens: list[str], optional: bool, stop) -> None:
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):  # VAR=value prefixes
         tokens = tokens[1:]
     program, args = tokens[0], tokens[1:]
     if program in ENTRY_POINTS:
         if args[0] == "slurm" and "--dry-run" not in args:
             args = [*args, "--dry-run"]  # render the job script, submit nothing
-        run_editflow(args, _real(args, optional), stop_after_parse)
+        run_editflow(args, _real(args, optional), stop)
     elif program in PYTHONS and args[:1] == ["-m"]:
         module, rest = args[1], args[2:]
         if module.startswith("editflow"):
-            run_module(module, rest, stop_after_parse)
+            run_module(module, rest, stop)
         else:
             assert module == "pytest", f"unknown module in the README: {module}"
     elif program == "accelerate" and args[:1] == ["launch"]:
@@ -159,7 +162,7 @@ def check(tokens: list[str], optional: bool, stop_after_parse) -> None:
         if launch.config_file:
             assert (ROOT / launch.config_file).is_file(), f"{launch.config_file} is not in the repository"
         assert launch.module, "the README launches editflow as a module (-m editflow.train)"
-        run_module(launch.training_script, launch.training_script_args, stop_after_parse)
+        run_module(launch.training_script, launch.training_script_args, stop)
     elif program == "bash":
         script = ROOT / args[-1]
         assert script.is_file(), f"{args[-1]} is not in the repository"
@@ -170,7 +173,7 @@ def check(tokens: list[str], optional: bool, stop_after_parse) -> None:
         inner = next((i for i, t in enumerate(args) if t == "editflow" and i + 1 < len(args)
                       and args[i + 1] in ("train", "edit", "eval", "export", "data", "encode", "bench")), None)
         if inner is not None:
-            run_editflow(args[inner + 1:], False, stop_after_parse)
+            run_editflow(args[inner + 1:], False, stop)
 
 
 def _real(args: list[str], optional: bool) -> bool:
@@ -183,14 +186,14 @@ def _real(args: list[str], optional: bool) -> bool:
         return not optional  # the judge needs a local Qwen2.5-VL
     if args[0] == "slurm":
         return True  # with --dry-run
-    return args == ["bench", "train"]  # the tiny CPU benchmark; the others need a GPU
+    return args == ["bench", "train"]  # the tiny CPU benchmark; the others need a GPU (train, encode: dry)
 
 
-def run_module(module: str, args: list[str], stop_after_parse) -> None:
+def run_module(module: str, args: list[str], stop) -> None:
     commands = {"editflow.train": "train", "editflow.preencode": "encode", "editflow.cli": None}
     assert module in commands, f"the README runs python -m {module}, which is not an editflow entry point"
     argv = args if commands[module] is None else [commands[module], *args]
-    run_editflow(argv, False, stop_after_parse)
+    run_editflow(argv, False, stop)
 
 
 @pytest.mark.parametrize("tokens,optional", COMMANDS, ids=[" ".join(c)[:100] for c, _ in COMMANDS])
