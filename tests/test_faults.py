@@ -242,4 +242,4 @@ def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
                                  f"hydra.run.dir={tmp_path / 'run'}", override], env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.splitlines()[-1].startswith(f"editflow train: error: {key}: ")
+        assert result.stderr.splitlines()[-1].startswith(f"editflow train: error: {key}")
