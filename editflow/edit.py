@@ -117,7 +117,7 @@ def output_paths(out: str, n: int) -> list[Path]:
 def check_writable(path: Path) -> None:
     """`path` can be written: not a directory, and its folder exists or can be made."""
     if path.is_dir():
-        raise RequestError(f"output {path} is a directory; give a file name ({', '.join(OUTPUT_FORMATS)})")
+        raise RequestError(f"output {path} is a directory; give a file name")
     folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise RequestError(f"output {path}: {folder} is not a writable directory")
