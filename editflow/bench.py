@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from editflow import flow
-from editflow.config import compose
+from editflow.config import compose, parse_with_overrides
 from editflow.guard import NonFiniteGuard
 from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
                                    keep_trainable_in_fp32, torch_dtype)
@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--memory-cap-gb", type=float, help="cap this process's GPU memory (e.g. 24)")
     train.add_argument("--only", choices=["editflow", "reference"])
     train.add_argument("--out", help="result json (default: bench/results/<date>-<device>.json)")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides look like key=value)")
+    args, overrides = parse_with_overrides(parser, argv)
     if args.resolution % 16:
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
     result = run(args, overrides)

@@ -1,22 +1,35 @@
 """Checkpoints: `checkpoints/step-NNNNNNN/` committed atomically.
 
-Files are written into `step-NNNNNNN.tmp/`, a `COMPLETE` marker is written
-last, and the directory is renamed into place. A checkpoint counts only when
-it has its final name and the marker, so a crash mid-save leaves the previous
-checkpoint as the newest valid one.
+Files are written into `step-NNNNNNN.tmp/`, flushed to disk, a `COMPLETE`
+marker is written last, and the directory is renamed into place. A checkpoint
+counts only when it has its final name and the marker, so a crash mid-save
+leaves the previous checkpoint as the newest valid one. A checkpoint damaged
+afterwards (a copy cut short, a disk that lost data) is found by `check_files`
+before anything is loaded from it, and readers fall back to the newest one
+that loads (`first_loadable`), saying which they skipped and why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from editflow.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MARKER = "COMPLETE"
 MODEL_FILE = "model.safetensors"
@@ -62,13 +75,33 @@ def write(tmp: Path, step: int, weights: dict[str, torch.Tensor], extra: dict[st
     (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1, sort_keys=True))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(directory: Path) -> None:
+    """Flush every file (and directory entry) under `directory`: the marker must not reach the disk before
+    the data it vouches for."""
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 def commit(tmp: Path, step: int, keep_last: int | None = None) -> Path:
-    """Write the marker, rename `tmp` into place, then drop all but the newest `keep_last` checkpoints."""
+    """Flush, write the marker, rename `tmp` into place, then drop all but the newest `keep_last` checkpoints."""
     final = step_dir(tmp.parent, step)
+    _sync_tree(tmp)
     (tmp / MARKER).write_text(str(step))
+    _fsync(tmp / MARKER)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(tmp.parent)
     if keep_last:
         for old in complete_checkpoints(tmp.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -98,12 +131,102 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Load a checkpoint's trainable weights (and buffers) into `model`; every saved tensor must find its place."""
-    state = load_file(Path(checkpoint) / MODEL_FILE)
-    missing = [k for k in state if k not in model.state_dict(keep_vars=True)]
-    if missing:
-        raise KeyError(f"{checkpoint}: {len(missing)} saved tensors have no parameter in the model, e.g. {missing[:3]}")
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_FILE).exists() and (Path(path) / "train_state.json").exists()
+
+
+def check_files(checkpoint: str | os.PathLike) -> None:
+    """Cheap integrity check of every file of a checkpoint (headers and zip directories, which a truncated
+    file loses): CheckpointError naming the file, before anything is loaded from it."""
+    checkpoint = Path(checkpoint)
+    for required in ("train_state.json", MODEL_FILE):
+        if not (checkpoint / required).is_file():
+            raise CheckpointError(f"{checkpoint}: {required} is missing")
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".pt", ".bin", ".pth"):
+                zipfile.ZipFile(path).close()  # torch.save's format: its directory sits at the end of the file
+        except Exception as err:  # noqa: BLE001 - whatever the reader says, the file is unusable
+            raise CheckpointError(f"{path} is damaged ({type(err).__name__}: {err})") from None
+
+
+def first_loadable(checkpoints: list[Path], load: Callable[[Path], T]) -> tuple[Path, T]:
+    """`load` the first checkpoint of `checkpoints` (newest first) that loads; each one skipped is logged
+    with the reason. CheckpointError listing them all when none loads."""
+    reasons = []
+    for path in checkpoints:
+        try:
+            return path, load(path)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+            reasons.append(str(err))
+    raise CheckpointError("no checkpoint loads: " + "; ".join(reasons) if reasons else "no checkpoint given")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory as given, or the newest checkpoint of a run directory whose files are intact
+    (older ones are tried when the newest is damaged)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if is_checkpoint(path):
+        check_files(path)
+        return path
+    found = complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"{path}: not a checkpoint (model.safetensors + train_state.json) and not a run "
+                              f"directory with a complete checkpoints/step-NNNNNNN/{unfinished(path / 'checkpoints')}")
+    return first_loadable(found[::-1], check_files)[0]
+
+
+def unfinished(root: Path) -> str:
+    """The interrupted saves (no marker, or still `.tmp`) under `root`, as a note for messages."""
+    complete = set(complete_checkpoints(root))
+    partial = sorted(p.name for p in root.iterdir() if STEP_DIR.match(p.name.removesuffix(".tmp"))
+                     and p not in complete) if root.is_dir() else []
+    return f" (only unfinished saves, ignored: {', '.join(partial)})" if partial else ""
+
+
+# Keys of the model config that decide which tensors a checkpoint holds and their shapes.
+WEIGHT_KEYS = ("transformer.config", "connector", "trainable", "lora.rank", "lora.target_modules")
+
+
+def config_mismatch(saved: dict, model_cfg) -> list[str]:
+    """`key: saved -> now` for each WEIGHT_KEYS value of `saved` (a checkpoint's config) that differs."""
+    from omegaconf import OmegaConf
+
+    now = OmegaConf.to_container(model_cfg, resolve=True)
+    saved = saved.get("model", {})
+
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [f"model.{key}: {get(saved, key)!r} in the checkpoint, {get(now, key)!r} now" for key in WEIGHT_KEYS
+            if get(saved, key) != get(now, key)]
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike,
+                       state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a checkpoint's trainable weights and buffers (read from `checkpoint`, or `state` already read) into
+    `model`; every saved tensor must find a parameter or buffer of its shape."""
+    state = load_file(Path(checkpoint) / MODEL_FILE) if state is None else state
+    params = model.state_dict(keep_vars=True)  # parameters and persistent buffers (the connector's pooled base)
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: {len(unknown)} saved tensors have no parameter in the model, e.g. "
+                              f"{unknown[:3]}: it was trained with another model config")
+    shapes = [f"{k} {tuple(v.shape)} saved, {tuple(params[k].shape)} now" for k, v in state.items()
+              if v.shape != params[k].shape]
+    if shapes:
+        raise CheckpointError(f"{checkpoint}: {len(shapes)} tensors differ in shape ({'; '.join(shapes[:3])}): it "
+                              "was trained with another model config")
     model.load_state_dict(state, strict=False)
 
 

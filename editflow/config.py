@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,3 +27,22 @@ def compose(overrides: list[str]):
     register_resolvers()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+def is_override(arg: str) -> bool:
+    """Hydra override syntax: key=value, +key=value, ++key=value, ~key (no leading dash)."""
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's flags and Hydra overrides in any order on one command line (`--` still ends the flags:
+    everything after it is an override)."""
+    tail: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, tail = argv[:split], argv[split + 1:]
+    args, rest = parser.parse_known_args(argv)
+    bad = [arg for arg in rest + tail if not is_override(arg)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides look like key=value)")
+    return args, rest + tail

@@ -1,7 +1,8 @@
 """`editflow edit`: edit images from the command line (one request, or a jsonl of them).
 
-Every request is validated before anything is sampled: a bad file, size, mask
-or instruction fails fast with a message that names it.
+Every request is checked before the model loads (files exist and decode, sizes,
+mask, output paths, instruction length) and once more against the loaded model
+before anything is sampled: a bad input fails fast with a message that names it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,24 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from editflow.data.buckets import nearest_bucket
+from editflow.data.images import to_gray, to_rgb
+from editflow.errors import EditflowError, report
+from editflow.model_paths import read_model_config
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-class RequestError(ValueError):
+class RequestError(EditflowError, ValueError):
     """A request that cannot be run; the message says which input and why."""
+
+
+# VAE downsampling (8) x FLUX's 2x2 packing: sizes are multiples of 16 (re-checked against the loaded model)
+SIZE_MULTIPLE = 16
+# Beyond this output size (pixels) FLUX.1-Kontext is far outside what it was trained on and the step's
+# memory grows with the square of the token count: refused unless --allow-large.
+MAX_OUTPUT_PIXELS = 2048 * 2048
+# A source this many times larger than the output is noted: it is scaled down to the output size.
+NOTE_DOWNSCALE = 4
 
 
 @dataclasses.dataclass
@@ -43,13 +58,20 @@ class EditRequest:
 
 
 def open_image(path: str, what: str) -> Image.Image:
+    """The image at `path`, decoded fully (a truncated file fails here, not halfway through sampling)."""
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are judged by the caller
+            image = Image.open(path)
+            image.load()
     except FileNotFoundError:
         raise RequestError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise RequestError(f"{what} {path} is a directory, not an image") from None
     except UnidentifiedImageError:
         raise RequestError(f"{what} {path}: unsupported or unreadable image format") from None
+    except Image.DecompressionBombError as err:
+        raise RequestError(f"{what} {path}: {err}; scale it down first") from None
     except OSError as err:
         raise RequestError(f"{what} {path}: cannot read ({err})") from None
     return image
@@ -57,9 +79,9 @@ def open_image(path: str, what: str) -> Image.Image:
 
 def editable_mask(mask: Image.Image) -> np.ndarray:
     """True where editing is allowed: transparent pixels (alpha 0), or white ones when there is no alpha."""
-    if mask.mode in ("RGBA", "LA") or (mask.mode == "P" and "transparency" in mask.info):
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
         return np.asarray(mask.convert("RGBA"))[..., 3] == 0
-    return np.asarray(mask.convert("L")) >= 128
+    return np.asarray(to_gray(mask)) >= 128
 
 
 def parse_size(size: str, source: Image.Image, base: int, multiple: int) -> tuple[int, int]:
@@ -92,24 +114,69 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, n + 1)]
 
 
-def prepare(request: EditRequest, pipe, bucket_base: int) -> PreparedRequest:
-    """Check everything about a request that can be checked without sampling."""
-    if not request.images:
-        raise RequestError("give at least one --image (the source)")
-    if Path(request.out).suffix.lower() not in OUTPUT_FORMATS:
-        raise RequestError(f"output {request.out}: unsupported format; use one of {sorted(OUTPUT_FORMATS)}")
-    if request.num_images < 1:
-        raise RequestError("--num-images must be at least 1")
-    if not request.instruction.strip():
+def check_writable(path: Path) -> None:
+    """`path` can be written: not a directory, and its folder exists or can be made."""
+    if path.is_dir():
+        raise RequestError(f"output {path} is a directory; give a file name")
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RequestError(f"output {path}: {folder} is not a writable directory")
+
+
+@dataclasses.dataclass
+class ModelLimits:
+    """What a request is checked against before the model loads (from its config and tokenizer alone)."""
+    bucket_base: int
+    max_length: int  # Qwen tokens (image + instruction)
+    tokenizer: object | None = None  # counts instruction tokens; None when it cannot be loaded cheaply
+    allow_large: bool = False
+
+    @classmethod
+    def from_config(cls, config, allow_large: bool = False) -> "ModelLimits":
+        qwen = config.model.qwen
+        try:  # a local directory or the hub cache: fast; anything else is checked once the model has loaded
+            from transformers import AutoTokenizer
+
+            from editflow.models.build import relocate_asset
+
+            tokenizer = AutoTokenizer.from_pretrained(relocate_asset(str(qwen.pretrained)), local_files_only=True)
+        except Exception:  # noqa: BLE001 - only an early check is lost
+            tokenizer = None
+        return cls(int(config.data.get("bucket_base", 1024)), int(qwen.get("max_length", 512)), tokenizer,
+                   allow_large)
+
+
+def _check_options(r: EditRequest) -> None:
+    if not r.images or not all(isinstance(p, str) and p for p in r.images):
+        raise RequestError("give at least one --image (the source); images are file paths")
+    if not isinstance(r.instruction, str) or not r.instruction.strip():
         raise RequestError("the instruction is empty")
+    if not isinstance(r.out, str) or Path(r.out).suffix.lower() not in OUTPUT_FORMATS:
+        raise RequestError(f"output {r.out}: unsupported format; use one of {sorted(OUTPUT_FORMATS)}")
+    if not isinstance(r.num_images, int) or r.num_images < 1:
+        raise RequestError("--num-images must be at least 1")
+    if not isinstance(r.steps, int) or r.steps < 1:
+        raise RequestError(f"--steps must be a positive integer, got {r.steps!r}")
+    if not isinstance(r.quality, int) or not 1 <= r.quality <= 100:
+        raise RequestError(f"--quality must be between 1 and 100, got {r.quality!r}")
+
+
+def prepare(request: EditRequest, limits: ModelLimits) -> PreparedRequest:
+    """Check everything about a request that can be checked before the model loads."""
+    _check_options(request)
     images = [open_image(p, "source image" if i == 0 else f"reference image {i}")
               for i, p in enumerate(request.images)]
-    source = images[0].convert("RGB")
-    size = parse_size(request.size, source, bucket_base, pipe.size_multiple)
-    limit = pipe.conditioner.max_length
-    tokens = pipe.conditioner.token_count(request.instruction)
-    if tokens > limit:
-        raise RequestError(f"the instruction is {tokens} tokens, over the text encoder's limit of {limit}")
+    source = to_rgb(images[0])
+    size = parse_size(request.size, source, limits.bucket_base, SIZE_MULTIPLE)
+    if size[0] * size[1] > MAX_OUTPUT_PIXELS and not limits.allow_large:
+        raise RequestError(f"--size {size[0]}x{size[1]} is over {MAX_OUTPUT_PIXELS / 1e6:.1f} MP, far beyond what "
+                           "the model was trained on (memory grows with the square of the pixels); pass "
+                           "--allow-large to run it anyway")
+    if limits.tokenizer is not None:
+        tokens = len(limits.tokenizer(request.instruction, add_special_tokens=False)["input_ids"])
+        if tokens > limits.max_length:
+            raise RequestError(f"the instruction is {tokens} tokens, over the text encoder's limit of "
+                               f"{limits.max_length}")
     editable = None
     if request.mask:
         mask = open_image(request.mask, "mask")
@@ -117,8 +184,44 @@ def prepare(request: EditRequest, pipe, bucket_base: int) -> PreparedRequest:
             raise RequestError(f"mask {request.mask} is {mask.width}x{mask.height} but the image is "
                                f"{source.width}x{source.height}: they must be the same size")
         editable = editable_mask(mask)
-    return PreparedRequest(request, source, [im.convert("RGB") for im in images[1:]], size, editable,
-                           output_paths(request.out, request.num_images))
+    outputs = output_paths(request.out, request.num_images)
+    for path in outputs:
+        check_writable(path)
+    return PreparedRequest(request, source, [to_rgb(im) for im in images[1:]], size, editable, outputs)
+
+
+def scale_note(prepared: PreparedRequest) -> str | None:
+    """What happens to a source much larger than the output, said before it happens."""
+    (width, height), source = prepared.size, prepared.source
+    if source.width * source.height < NOTE_DOWNSCALE * width * height:
+        return None
+    how = "--size" if prepared.request.size != "auto" else "--size auto: the bucket nearest its aspect"
+    back = (f"; outside the mask the result keeps the source's pixels at {source.width}x{source.height}"
+            if prepared.editable is not None else "")
+    return (f"note: {prepared.request.images[0]} is {source.width}x{source.height}; it is edited at "
+            f"{width}x{height} ({how}){back}. Pass --size WxH (multiples of {SIZE_MULTIPLE}) for another size")
+
+
+def check_against_model(prepared: PreparedRequest, pipe) -> None:
+    """What only the loaded model knows, still before sampling: its size multiple and the conditioning
+    length of this image with this instruction at its pixel budget."""
+    r, (width, height), multiple = prepared.request, prepared.size, pipe.size_multiple
+    if width % multiple or height % multiple:
+        raise RequestError(f"--size {width}x{height}: this model needs multiples of {multiple}")
+    limit = pipe.conditioner.max_length
+    tokens = pipe.conditioner.sequence_length(r.instruction, prepared.size)  # Qwen sees the source at this size
+    if tokens > limit:
+        raise RequestError(f"the instruction with the source image is {tokens} tokens, over the text encoder's "
+                           f"limit of {limit} (model.qwen.max_length); shorten the instruction")
+
+
+def save_image(image: Image.Image, path: Path, quality: int) -> None:
+    """Written under a temporary name and renamed: an interrupted save never leaves a broken file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = OUTPUT_FORMATS[path.suffix.lower()]
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    os.replace(tmp, path)
 
 
 def run(prepared: PreparedRequest, pipe, default_guidance: float) -> list[Path]:
@@ -141,10 +244,7 @@ def run(prepared: PreparedRequest, pipe, default_guidance: float) -> list[Path]:
             image = image.resize(prepared.source.size, Image.BICUBIC)
             keep = ~prepared.editable[..., None]
             image = Image.fromarray(np.where(keep, np.asarray(prepared.source), np.asarray(image)), "RGB")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = OUTPUT_FORMATS[path.suffix.lower()]
-        options = {"quality": r.quality} if fmt in ("JPEG", "WEBP") else {}
-        image.save(path, format=fmt, **options)
+        save_image(image, path, r.quality)
         written.append(path)
     return written
 
@@ -157,20 +257,40 @@ def read_batch(path: str, defaults: EditRequest) -> list[EditRequest]:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         raise RequestError(f"batch file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RequestError(f"batch file {path}: cannot read ({err})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
             images = item.pop("images", None) or [item.pop("image")]
-        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             raise RequestError(f"{path}:{number}: expected a json object with image/images, instruction, out "
                                f"({err})") from None
         unknown = set(item) - fields
         if unknown:
             raise RequestError(f"{path}:{number}: unknown fields {sorted(unknown)}")
         requests.append(dataclasses.replace(defaults, images=[images] if isinstance(images, str) else images, **item))
+    if not requests:
+        raise RequestError(f"batch file {path} holds no requests")
     return requests
+
+
+def prepare_all(requests: list[EditRequest], limits: ModelLimits, batch: bool) -> list[PreparedRequest]:
+    """Every request checked, and no two writing the same file."""
+    prepared, owners = [], {}
+    for i, request in enumerate(requests, start=1):
+        try:
+            item = prepare(request, limits)
+            for path in item.outputs:
+                if path.resolve() in owners:
+                    raise RequestError(f"output {path} is also written by request {owners[path.resolve()]}")
+                owners[path.resolve()] = i
+        except RequestError as err:
+            raise RequestError(f"request {i}: {err}" if batch else str(err)) from None
+        prepared.append(item)
+    return prepared
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="output file (.png .jpg .webp); N variants: <stem>-1<ext> ...")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--size", default="auto", help="auto (bucket nearest the source aspect) or WxH")
+    parser.add_argument("--allow-large", action="store_true",
+                        help=f"allow --size above {MAX_OUTPUT_PIXELS / 1e6:.1f} MP")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=None, help="Kontext distilled guidance (default: "
                         "the model's objective.sample_guidance)")
@@ -197,23 +319,25 @@ def main(argv: list[str] | None = None) -> None:
 
     defaults = EditRequest(args.image, args.instruction, args.out, args.num_images, args.size, args.steps,
                            args.guidance, args.text_guidance, args.image_guidance, args.seed, args.mask, args.quality)
-    from editflow.pipeline import EditPipeline
-
     try:
         requests = read_batch(args.batch, defaults) if args.batch else [defaults]
         if not args.batch and not args.out:
             raise RequestError("give --out (or --batch)")
-        pipe = EditPipeline.from_pretrained(args.model, device=args.device)
-        base = int(pipe.config.data.get("bucket_base", 1024))
-        prepared = []
-        for i, request in enumerate(requests):
+        config, model = read_model_config(args.model)
+        prepared = prepare_all(requests, ModelLimits.from_config(config, args.allow_large), bool(args.batch))
+        for item in prepared:
+            if note := scale_note(item):
+                print(note, file=sys.stderr)
+        from editflow.pipeline import EditPipeline
+
+        pipe = EditPipeline.from_pretrained(model, device=args.device)
+        for i, item in enumerate(prepared, start=1):
             try:
-                prepared.append(prepare(request, pipe, base))
+                check_against_model(item, pipe)
             except RequestError as err:
-                raise RequestError(f"request {i + 1}: {err}" if args.batch else str(err)) from None
-    except (RequestError, FileNotFoundError) as err:
-        print(f"editflow edit: error: {err}", file=sys.stderr)
-        sys.exit(2)
+                raise RequestError(f"request {i}: {err}" if args.batch else str(err)) from None
+    except (EditflowError, FileNotFoundError) as err:
+        report("edit", err, code=2)
     for item in tqdm(prepared, desc="edit", unit="request", disable=len(prepared) == 1):
         for path in run(item, pipe, pipe.guidance):
             print(path)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from editflow.data.buckets import scaled_bucket
+from editflow.data.skips import SkipCounter
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import text_bucket
 from editflow.models.vae import LatentCodec
@@ -99,12 +100,17 @@ def condition_dropout(batch: dict, p_text: float, p_image: float, p_both: float)
 
 
 class FrozenEncoder:
+    """With `skips`, a sample the encoders refuse (conditioning over model.qwen.max_length at the configured
+    pixel budget, an image Qwen's processor cannot take, ...: a ValueError) is skipped and counted as
+    `unencodable`, as `editflow encode` does; without, the error is raised."""
+
     def __init__(self, codec: LatentCodec, conditioner: QwenVLConditioner, cache: bool = False,
-                 text_pad_multiple: int = 1):
+                 text_pad_multiple: int = 1, skips: SkipCounter | None = None):
         self.codec = codec
         self.conditioner = conditioner
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
         self.text_pad_multiple = text_pad_multiple  # model.text_pad_multiple: which batches need a mask
+        self.skips = skips
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor | None) -> torch.Tensor | None:
@@ -124,6 +130,22 @@ class FrozenEncoder:
         states = self.states([batch["source_images"][i] for i in indices], [batch["instruction"][i] for i in indices])
         return [(target[j], None if source is None else source[j], states[j]) for j in range(len(indices))]
 
+    def _encode_or_skip(self, batch: dict, indices: list[int]) -> dict[int, tuple]:
+        """Rows of the samples at `indices` that encode; a refused batch is retried sample by sample to find
+        (and count) the ones at fault."""
+        try:
+            rows = dict(zip(indices, self._encode(batch, indices)))
+        except ValueError as err:
+            if self.skips is None:
+                raise
+            if len(indices) > 1:
+                return {i: row for j in indices for i, row in self._encode_or_skip(batch, [j]).items()}
+            self.skips.skip("unencodable", f"sample {batch['key'][indices[0]]}: {err}")
+            return {}
+        if self.skips is not None:
+            self.skips.seen += len(indices)
+        return rows
+
     @staticmethod
     def _stored(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Rows of a pre-encoded batch, with the states of each sample's dropout outcome."""
@@ -138,21 +160,24 @@ class FrozenEncoder:
             rows.append((sample.tensors["target"], sample.tensors.get("source"), sample.tensors[field]))
         return rows
 
-    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, bool]:
+    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                      bool] | None:
         """(target latents, source latents or None for text-to-image, Qwen states, mask) in fp32 on `device`,
         and whether the batch needs an attention mask (`text_padded`: known here on the CPU, so the step need
-        not ask the GPU)."""
+        not ask the GPU). Skipped samples leave the batch; None when none is left."""
         keys = batch["key"]
         if "encoded" in batch:
             rows = self._stored(batch)
         elif self.cache is None:
-            rows = self._encode(batch, list(range(len(keys))))
+            rows = list(self._encode_or_skip(batch, list(range(len(keys)))).values())
         else:
             missing = [i for i, k in enumerate(keys) if k not in self.cache]
-            if missing:
-                for i, row in zip(missing, self._encode(batch, missing)):
-                    self.cache[keys[i]] = tuple(None if t is None else t.cpu() for t in row)
-            rows = [self.cache[k] for k in keys]
+            encoded = self._encode_or_skip(batch, missing) if missing else {}
+            for i, row in encoded.items():
+                self.cache[keys[i]] = tuple(None if t is None else t.cpu() for t in row)
+            rows = [self.cache[k] for k in keys if k in self.cache]
+        if not rows:
+            return None
         to = lambda t: t.to(device, non_blocking=True).float()
         states, mask = pad_states([r[2] for r in rows])
         target = to(torch.stack([r[0] for r in rows]))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from editflow.data.images import to_rgb
 from editflow.data.samples import EditSample
 
 PRIMARY = "mae"
@@ -29,7 +30,7 @@ CHANGE_THRESHOLD = 0.1
 
 
 def _array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if image.size != size:
         image = image.resize(size, Image.BICUBIC)
     return np.asarray(image, dtype=np.float32) / 255
@@ -125,7 +126,7 @@ def sample_grid(samples: Sequence[EditSample], edits: Sequence[Image.Image], tex
     draw = ImageDraw.Draw(grid)
     for row, (sample, edit) in enumerate(zip(samples, edits)):
         for col, image in enumerate((sample.source, sample.target, edit)):
-            grid.paste(image.convert("RGB").resize((w, h)), (col * w, row * h))
+            grid.paste(to_rgb(image).resize((w, h)), (col * w, row * h))
         words, lines = sample.instruction.split(), [""]
         for word in words:  # wrap to the text column
             lines[-1] = f"{lines[-1]} {word}".strip() if len(lines[-1]) + len(word) < text_width // 7 else lines[-1]

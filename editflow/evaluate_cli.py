@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +12,10 @@ import torch
 from editflow.data.buckets import nearest_bucket
 from editflow.data.loader import read_samples
 from editflow.data.sources import resolve_urls
+from editflow.edit import check_writable
+from editflow.errors import EditflowError, report
 from editflow.eval import evaluate_guidances, sample_grid
+from editflow.model_paths import read_model_config
 
 
 def finite(value):
@@ -64,12 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     from editflow.judge import JUDGES
     from editflow.pipeline import EditPipeline
 
-    try:
-        samples = read_samples(resolve_urls(args.data), args.limit)
-        pipe = EditPipeline.from_pretrained(args.model, device=args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"editflow eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    try:  # everything that can be checked comes before the model loads
+        if args.limit is not None and args.limit < 1:
+            raise EditflowError(f"--limit must be at least 1, got {args.limit}")
+        for path in filter(None, (args.out, args.grid)):
+            check_writable(Path(path))
+        _, model = read_model_config(args.model)
+        samples = read_samples(resolve_urls(args.data, "--data"), args.limit)
+        if not any(s.source is not None for s in samples):
+            raise EditflowError(f"--data {' '.join(args.data)}: none of its {len(samples)} samples has a source "
+                                "image to edit")
+        pipe = EditPipeline.from_pretrained(model, device=args.device)
+    except (EditflowError, FileNotFoundError, ValueError) as err:
+        report("eval", err, code=2)
     guidances = args.guidance or [pipe.guidance]
     base = int(pipe.config.data.get("bucket_base", 1024))
     judge = None

@@ -18,28 +18,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-EXPORT_FILE = "editflow.json"
+from editflow.errors import EditflowError, report
+from editflow.model_paths import EXPORT_FILE, LORA_FILE, resolve_checkpoint
+
 COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-original keys
 
 
-def export(source: str | Path, out: str | Path, merge_lora: bool = False) -> Path:
-    """Write the export of a run or checkpoint into `out` (built in `out.tmp`, then renamed)."""
-    from editflow.pipeline import EditPipeline, resolve_checkpoint
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything loads, an output that would destroy files or cannot be written: a non-empty
+    directory is replaced only when it is an earlier export and `overwrite` is given."""
+    if out.exists() and not out.is_dir():
+        raise EditflowError(f"--out {out} is a file; give a directory for the export")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / EXPORT_FILE).exists():
+            raise EditflowError(f"--out {out} is a non-empty directory that is not an editflow export; nothing "
+                                "was written: give a new or empty directory")
+        if not overwrite:
+            raise EditflowError(f"--out {out} already holds an export; pass --overwrite to replace it, or give "
+                                "another directory")
+    parent = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise EditflowError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
 
+
+def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+    """Write the export of a run or checkpoint into `out` (built in `out.tmp`, then renamed into place; an
+    earlier export there is replaced only with `overwrite`)."""
+    from editflow.pipeline import EditPipeline
+
+    out = Path(out)
+    check_destination(out, overwrite)
+    if (Path(source) / EXPORT_FILE).exists():
+        raise EditflowError(f"{source} is already an export; `editflow export` takes a run directory or a "
+                            "checkpoint (`editflow edit --model` and `EditPipeline.from_pretrained` load exports)")
     checkpoint = resolve_checkpoint(source)
     pipe = EditPipeline.from_pretrained(checkpoint)
-    config = pipe.config
-    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
+    if tmp.exists():  # an interrupted export's leftovers
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_export(pipe, checkpoint, tmp, merge_lora)
+    except OSError as err:  # a full disk, a quota: the partial export goes, `out` was not touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EditflowError(f"could not write the export ({err}); {out} was left as it was") from err
+    if out.exists():  # the earlier export stays whole until the new one is in place
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
+    config = pipe.config
     transformer = pipe.editor.transformer
     kind = "lora" if config.model.get("trainable") == "lora" else "full"
     if kind == "lora" and merge_lora:
@@ -72,10 +113,6 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False) -> Pat
     (tmp / "README.md").write_text(MODEL_CARD.format(
         checkpoint=checkpoint, qwen=q.pretrained, layer=q.get("hidden_layer", -1), kind=kind, usage=usage,
         guidance=pipe.guidance, train_guidance=config.objective.guidance, base=config.data.get("bucket_base", 1024)))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def _write_lora(transformer, directory: Path) -> None:
@@ -84,7 +121,6 @@ def _write_lora(transformer, directory: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     from editflow.lora_formats import diffusers_to_comfyui
-    from editflow.pipeline import LORA_FILE
 
     layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     lora_config = transformer.peft_config["default"]
@@ -164,12 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--merge-lora", action="store_true",
                         help="a LoRA run: fold the adapter into the weights and export a full transformer")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
     try:
-        out = export(args.source, args.out, merge_lora=args.merge_lora)
-    except FileNotFoundError as err:
-        print(f"editflow export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        out = export(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    except (EditflowError, FileNotFoundError) as err:
+        report("export", err, code=2)
     print(f"exported {args.source} -> {out}")
 
 

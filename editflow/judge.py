@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from editflow.data.images import to_rgb
+
 PROMPT = (
     "The first image is the original, the second is the result of editing it with the instruction: "
     "\"{instruction}\". Rate from 0 to 10 how well the second image follows the instruction while keeping "
@@ -58,7 +60,7 @@ class QwenVLJudge:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                   {"type": "text", "text": PROMPT.format(instruction=instruction)}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=[source.convert("RGB"), edited.convert("RGB")],
+        inputs = self.processor(text=[text], images=[to_rgb(source), to_rgb(edited)],
                                 return_tensors="pt").to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         answer = self.processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,9 +13,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from editflow.data.images import to_gray, to_rgb
 from editflow.data.loader import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
+from editflow.model_paths import EXPORT_FILE, LORA_FILE, read_export, resolve_checkpoint
 from editflow.models.build import Models, build_models
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import KontextEditor
@@ -27,21 +28,6 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images (rounded to the nearest uint8)."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a, "RGB") for a in array]
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a run directory (newest complete checkpoint) or a checkpoint path."""
-    path = Path(path)
-    if (path / ckpt.MODEL_FILE).exists() and (path / "train_state.json").exists():
-        return path
-    latest = ckpt.latest_checkpoint(path / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(f"{path}: not an export (editflow.json), a checkpoint (model.safetensors + "
-                                "train_state.json) or a run directory with a complete checkpoints/step-NNNNNNN/")
-    return latest
-
-
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights(DIR) looks for
 
 
 def sample_guidance(config) -> float:
@@ -76,9 +62,8 @@ class EditPipeline:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "EditPipeline":
         """Load an export (`editflow export`), a run directory (its newest checkpoint) or a checkpoint."""
         path = Path(path)
-        export_file = path / "editflow.json"
-        if export_file.exists():
-            export = json.loads(export_file.read_text())
+        if (path / EXPORT_FILE).exists():
+            export = read_export(path)
             config = OmegaConf.create(export["config"])
             # The export's own transformer and VAE replace whatever the training config pointed at; a LoRA
             # export without transformer/ sits on the base model its config names (e.g. the hub's Kontext).
@@ -190,7 +175,11 @@ class EditPipeline:
         width = width or images[0].width // m * m
         if height % m or width % m:
             raise ValueError(f"height and width must be multiples of {m}, got {width}x{height}")
-        fit = lambda im: im.convert("RGB").resize((width, height), Image.BICUBIC) if im.size != (width, height) else im
+
+        def fit(im: Image.Image) -> Image.Image:  # any mode, read the way convert and the loader read it
+            im = to_rgb(im)
+            return im if im.size == (width, height) else im.resize((width, height), Image.BICUBIC)
+
         sources = [fit(im) for im in images for _ in range(num_images_per_prompt)]
         instructions = [t for t in instructions for _ in range(num_images_per_prompt)]
         prompt_embeds, pooled, text_mask, branches, padded = self._conditioning(
@@ -205,7 +194,7 @@ class EditPipeline:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         keep = None
         if mask is not None:
-            editable = image_tensor(mask.convert("RGB").resize((width, height), Image.NEAREST))[:1] > 0
+            editable = image_tensor(to_gray(mask).resize((width, height), Image.NEAREST))[:1] > 0
             # A latent cell is editable when any of its pixels is (max-pool), so edits reach the mask's edge.
             keep = 1.0 - torch.nn.functional.max_pool2d(editable[None].float(), self.codec.downsample).to(self.device)
         latents = self.sample(

@@ -137,13 +137,14 @@ def encode(cfg: DictConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.encode.out).expanduser()
     drops = drops_to_store(cfg)
+    with state.main_process_first():  # the main process makes the toy set; bad data fails before the models load
+        sets = train_sets(data, progress=state.is_main_process)
     conditioner, codec = build_frozen(cfg.model)
     conditioner.to(state.device)
     codec.vae.to(state.device)
     # qwen_hidden_size: the connector's input width, so training need not load Qwen to build it
     encoding = {"settings": encoding_settings(cfg), "drops": drops, "qwen_hidden_size": conditioner.hidden_size}
-    with state.main_process_first():  # the main process makes the toy set and claims the directories
-        sets = train_sets(data, progress=state.is_main_process)
+    with state.main_process_first():  # the main process claims the directories, the others check them
         for shard_set in sets:
             _claim_directory(out / shard_set.name, encoding)
     shard_encoder = ShardEncoder(FrozenEncoder(codec, conditioner), cfg, drops)
@@ -177,15 +178,25 @@ def encode(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from accelerate import PartialState
+    import argparse
 
-    from editflow.config import compose
+    from accelerate import PartialState
+    from hydra.errors import HydraException
+
+    from editflow.config import compose, parse_with_overrides
+    from editflow.errors import EditflowError, report
     from editflow.validate import validate
 
+    parser = argparse.ArgumentParser(prog="editflow encode", description=__doc__, usage="%(prog)s [hydra overrides]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = compose(sys.argv[1:] if argv is None else argv)
-    validate(cfg)
-    out = encode(cfg)
+    try:
+        cfg = compose(overrides)
+        validate(cfg)
+        out = encode(cfg)
+    except (EditflowError, HydraException) as err:  # bad input or overrides: one paragraph, no traceback
+        report("encode", err)
     if PartialState().is_main_process:
         print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
 

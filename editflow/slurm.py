@@ -1,10 +1,10 @@
 """`editflow slurm`: render (and submit) an sbatch for a training run from launch/slurm/*.sbatch.
 
-    editflow slurm --nodes 2 --partition gpu --time 48:00:00 --dry-run -- experiment=gpt_image_edit_8xa100
+    editflow slurm experiment=gpt_image_edit_8xa100 --nodes 2 --partition gpu --time 48:00:00 --dry-run
 
-The Hydra overrides are composed first, so a bad value fails here, not hours later in the queue. The
-job continues its run directory with trainer.resume=auto, checkpoints on SLURM's USR1 warning and is
-requeued until training finishes.
+Hydra overrides (key=value) may stand anywhere on the line, or after `--`. They are composed first, so a
+bad value fails here, not hours later in the queue. The job continues its run directory with
+trainer.resume=auto, checkpoints on SLURM's USR1 warning and is requeued until training finishes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from editflow.config import CONFIG_DIR
+from editflow.config import CONFIG_DIR, parse_with_overrides
 from editflow.config import compose as compose_config
+from editflow.errors import report
 
 TEMPLATES = CONFIG_DIR.parent / "launch" / "slurm"
 ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
@@ -56,11 +57,6 @@ def render(args: argparse.Namespace, overrides: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" in argv:
-        split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1 :]
-    else:
-        overrides = []
     parser = argparse.ArgumentParser(prog="editflow slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1)
@@ -78,12 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerate-config", help="default: launch/accelerate/<launcher.accelerate_config>")
     parser.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    args = parser.parse_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     try:
         script = render(args, overrides)
     except Exception as err:  # noqa: BLE001 - config errors are reported, not traced
-        print(f"editflow slurm: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        report("slurm", err, code=2)
     if args.dry_run:
         print(script)
         return

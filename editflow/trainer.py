@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -20,10 +23,12 @@ from editflow import checkpoint as ckpt
 from editflow import flow
 from editflow.data.encoded import check_pre_encoded
 from editflow.data.loader import read_samples
+from editflow.data.skips import SkipCounter
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
+from editflow.errors import CheckpointError, DataError
 from editflow.eval import eval_metrics, evaluate_guidances, guidance_values, sample_grid
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
@@ -114,15 +119,19 @@ class Trainer:
             self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
                 dcfg.kind == "toy" else []
         pre_encoded = check_pre_encoded(sets, cfg)
+        # the run directory and what to resume from are checked before any model loads
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        self._check_writable()
+        self.resume_from = self._resume_candidates()
         # Pre-encoded data: Qwen and the VAE serve only evaluation; they are loaded then, into host memory.
         qwen_dim = sets[0].encoding.get("qwen_hidden_size") if pre_encoded else None
         with frozen_models_unpartitioned(acc):
             models = build_models(cfg.model, seed=tcfg.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
-        text_multiple = models.editor.text_pad_multiple
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=tcfg.get("cache_encodings", False),
-                                     text_pad_multiple=text_multiple)
+                                     text_pad_multiple=models.editor.text_pad_multiple,
+                                     skips=SkipCounter(dcfg.max_skip_rate, what="samples encoded by this process"))
         editor = models.editor
         if cfg.model.get("compile_blocks"):
             if acc.device.type == "cuda":
@@ -131,7 +140,7 @@ class Trainer:
                 log.info("model.compile_blocks: skipped on %s (compiling pays on CUDA only)", acc.device)
         if acc.distributed_type != DistributedType.DEEPSPEED:
             keep_trainable_in_fp32(editor, cfg.model)
-        if not self._resuming():  # a resumed run's checkpoint holds the connector
+        if not self.resume_from:  # a resumed run's checkpoint holds the connector
             start_connector(editor.connector, cfg.model.connector, lambda: calibration_states(sets, self.conditioner))
         params = [p for p in editor.parameters() if p.requires_grad]
         ocfg = cfg.optim
@@ -148,7 +157,6 @@ class Trainer:
         self.editor, self.optimizer, self.lr_scheduler = acc.prepare(editor, optimizer, lr_scheduler)
         self.step = 0
         self.samples_seen = 0
-        self.checkpoint_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending_metrics: dict = {}
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -169,6 +177,7 @@ class Trainer:
         self._register_process()
 
         length = None if self.conditioner is None else self.conditioner.sequence_length  # pre-encoded: in the json
+        text_multiple = models.editor.text_pad_multiple
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
@@ -177,6 +186,7 @@ class Trainer:
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()
+        self._warn_if_disk_is_short(params)
 
     # ------------------------------------------------------------------ state
     def _zero_stage(self) -> int | None:
@@ -210,35 +220,100 @@ class Trainer:
             return {}
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in names}
 
-    def _resuming(self) -> bool:
-        resume = self.cfg.trainer.get("resume")
-        return bool(resume) and (resume != "auto" or ckpt.latest_checkpoint(self.run_dir / "checkpoints") is not None)
+    def _check_writable(self) -> None:
+        """Checkpoints go under the run directory: a directory that cannot take them fails now, not at the
+        first save hours later."""
+        import socket
 
-    def _maybe_resume(self) -> None:
+        probe = self.checkpoint_root / f".write-test-{socket.gethostname()}-{self.accelerator.process_index}"
+        try:
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise CheckpointError(f"the run directory {self.run_dir} cannot hold checkpoints ({err}); give a "
+                                  "writable hydra.run.dir") from None
+
+    def _resume_candidates(self) -> list[Path]:
+        """The checkpoints trainer.resume may continue from, newest first: `auto` (this run's), a run directory
+        or one checkpoint; checked against this run's model config before any model loads."""
         resume = self.cfg.trainer.get("resume")
         if not resume:
+            return []
+        path = self.checkpoint_root if resume == "auto" else Path(resume).expanduser()
+        if resume != "auto" and ckpt.is_checkpoint(path):
+            candidates = [path]
+        else:
+            root = path if resume == "auto" else path / "checkpoints"
+            if resume != "auto" and not root.is_dir():
+                raise CheckpointError(f"trainer.resume={resume}: not a checkpoint (model.safetensors + "
+                                      "train_state.json) nor a run directory with checkpoints/")
+            candidates = ckpt.complete_checkpoints(root)[::-1]
+            if not candidates:
+                if resume != "auto":
+                    raise CheckpointError(f"trainer.resume={resume}: no complete checkpoint in {root}"
+                                          f"{ckpt.unfinished(root)}")
+                log.info("trainer.resume=auto: no complete checkpoint in %s%s; starting at step 0", root,
+                         ckpt.unfinished(root))
+        for candidate in candidates:  # the newest readable record of the config decides
+            try:
+                saved = ckpt.load_train_state(candidate)["config"]
+            except (OSError, ValueError, KeyError):
+                continue  # damaged: skipped, with the reason, when loading
+            mismatch = ckpt.config_mismatch(saved, self.cfg.model)
+            if mismatch:
+                raise CheckpointError(f"trainer.resume={resume}: {candidate} was trained with another model config "
+                                      f"({'; '.join(mismatch)}); resume with that run's settings or start a new "
+                                      "run directory")
+            break
+        return candidates
+
+    def _read_resume_state(self, path: Path) -> dict:
+        """Everything a resume needs from `path`, read into memory before anything is applied. All ranks agree:
+        a checkpoint that fails on any of them is skipped by all."""
+        error, state = None, {}
+        try:
+            ckpt.check_files(path)
+            if self.sharded_state and not (path / "engine").is_dir():
+                raise CheckpointError(f"{path}: no engine/ state; it was written without DeepSpeed/FSDP, which "
+                                      "this run uses (resume it with the launcher it was trained with)")
+            names = ["rng"] + ([] if self.sharded_state else ["optimizer", "scheduler"])
+            names += ["ema"] if self.ema is not None and (path / "ema.pt").exists() else []
+            state = {name: ckpt.load_extra(path, name) for name in names}
+            state["train"] = ckpt.load_train_state(path)
+            if not self.sharded_state:
+                state["weights"] = load_file(path / ckpt.MODEL_FILE)
+        except CheckpointError as err:
+            error = str(err)
+        except Exception as err:  # noqa: BLE001 - any reader's error means this checkpoint does not load
+            error = f"{path}: {type(err).__name__}: {err}"
+        errors = [e for e in gather_object([error]) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        return state
+
+    def _maybe_resume(self) -> None:
+        if not self.resume_from:
             return
-        path = ckpt.latest_checkpoint(self.checkpoint_root) if resume == "auto" else Path(resume)
-        if path is None:
-            return
+        path, loaded = ckpt.first_loadable(self.resume_from, self._read_resume_state)
         if self.sharded_state:  # weights, optimizer and schedule from every rank's shards
-            if not (path / "engine").is_dir():
-                raise FileNotFoundError(f"{path}: no engine/ state; it was written without DeepSpeed/FSDP, which "
-                                        "this run uses (resume it with the launcher it was trained with)")
             self.accelerator.load_state(path / "engine")
         else:
-            ckpt.load_model_weights(self.accelerator.unwrap_model(self.editor), path)
-            self.optimizer.load_state_dict(ckpt.load_extra(path, "optimizer"))
-            self.lr_scheduler.load_state_dict(ckpt.load_extra(path, "scheduler"))
-        state = ckpt.load_train_state(path)
+            ckpt.load_model_weights(self.accelerator.unwrap_model(self.editor), path, loaded["weights"])
+            try:
+                self.optimizer.load_state_dict(loaded["optimizer"])
+                self.lr_scheduler.load_state_dict(loaded["scheduler"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this run ({err}); was it trained "
+                                      "with another optim.name or model.trainable?") from None
+        state = loaded["train"]
         rank = self.accelerator.process_index
-        if self.cfg.trainer.get("resume_data", True):
-            self.batches.load_state_dict(state["data"][rank])
-        rng = ckpt.load_extra(path, "rng")
-        if len(rng) == self.accelerator.num_processes:
-            ckpt.set_rng_state(rng[rank])
-        if self.ema is not None and (path / "ema.pt").exists():
-            self.ema.load_state_dict(ckpt.load_extra(path, "ema"))
+        if self.cfg.trainer.get("resume_data", True):  # another world size is reported by load_state_dict
+            self.batches.load_state_dict(state["data"][min(rank, len(state["data"]) - 1)])
+        if len(loaded["rng"]) == self.accelerator.num_processes:
+            ckpt.set_rng_state(loaded["rng"][rank])
+        if "ema" in loaded:
+            self.ema.load_state_dict(loaded["ema"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.guard.skipped.fill_(state.get("skipped_steps", 0))
         self.guard.reported = state.get("skipped_steps", 0)
@@ -247,6 +322,18 @@ class Trainer:
         self.flops_per_step = state.get("flops_per_step")
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _warn_if_disk_is_short(self, params: list[torch.Tensor]) -> None:
+        """A checkpoint holds the trainable weights, two AdamW moments (and an EMA): warn now when the run
+        directory's disk cannot take one."""
+        if not self.accelerator.is_main_process:
+            return
+        copies = 3 + (self.ema is not None)
+        needed = copies * sum(p.numel() * p.element_size() for p in params)
+        free = shutil.disk_usage(self.checkpoint_root).free
+        if free < needed:
+            log.warning("the run directory %s has %.1f GB free; a checkpoint of this run needs about %.1f GB: saving "
+                        "will fail unless space is freed", self.run_dir, free / 1e9, needed / 1e9)
+
     def save_checkpoint(self) -> Path | None:
         """All ranks take part: positions and RNG are gathered, DeepSpeed/FSDP shards written by each rank,
         then the main process writes the rest and commits the directory by rename."""
@@ -254,34 +341,56 @@ class Trainer:
         data_states = gather_object([self.batches.state_dict()])  # every rank's data position
         rng_states = gather_object([ckpt.rng_state()])
         tmp = ckpt.staging_dir(self.checkpoint_root, self.step)
+        error = None  # a full disk or quota: reported by every rank, the previous checkpoint stays the newest
         if acc.is_main_process:
-            ckpt.stage(self.checkpoint_root, self.step)
+            try:
+                ckpt.stage(self.checkpoint_root, self.step)
+            except OSError as err:
+                error = err
         acc.wait_for_everyone()
         extra = {"rng": rng_states}
         if self.sharded_state:
-            acc.save_state(tmp / "engine")
+            try:
+                acc.save_state(tmp / "engine")
+            except OSError as err:
+                error = error or err
         else:
             extra.update(optimizer=self.optimizer.state_dict(), scheduler=self.lr_scheduler.state_dict())
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
         weights = self._trainable_weights()
         path = None
-        if acc.is_main_process:
-            ckpt.write(tmp, self.step, weights, extra, train_state={
-                "step": self.step, "samples_seen": self.samples_seen, "data": data_states,
-                "skipped_steps": self.guard.skipped_steps, "flops_per_step": self.flops_per_step,
-                "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)})
-            path = ckpt.commit(tmp, self.step, self.cfg.trainer.keep_last)
+        if acc.is_main_process and error is None:
+            try:
+                ckpt.write(tmp, self.step, weights, extra, train_state={
+                    "step": self.step, "samples_seen": self.samples_seen, "data": data_states,
+                    "skipped_steps": self.guard.skipped_steps, "flops_per_step": self.flops_per_step,
+                    "world_size": acc.num_processes, "config": OmegaConf.to_container(self.cfg, resolve=True)})
+                path = ckpt.commit(tmp, self.step, self.cfg.trainer.keep_last)
+            except OSError as err:
+                error = err
+        errors = [str(e) for e in gather_object([error]) if e]
+        if errors:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # the partial save would only take space
+            latest = ckpt.latest_checkpoint(self.checkpoint_root)
+            raise CheckpointError(f"could not write the checkpoint of step {self.step} to {self.checkpoint_root} "
+                                  f"({errors[0]}); the newest complete checkpoint is {latest or 'none'}. Free space "
+                                  "(or give a writable hydra.run.dir), then continue with trainer.resume=auto")
         acc.wait_for_everyone()
         return path
 
     # ------------------------------------------------------------------ step
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rectified-flow loss of one micro-batch: (mean loss, per-sample losses, sigmas)."""
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rectified-flow loss of one micro-batch: (mean loss, per-sample losses, sigmas); None when the
+        encoders refused every sample of it (counted as skips)."""
         obj = self.cfg.objective
         device = self.accelerator.device
         batch = condition_dropout(batch, obj.drop_text, obj.drop_image, obj.drop_both)
-        x0, source, states, mask, padded = self.encoder(batch, device)
+        encoded = self.encoder(batch, device)
+        if encoded is None:
+            return None
+        x0, source, states, mask, padded = encoded
         target_tokens = x0.shape[2] * x0.shape[3] // 4
         mu = flow.resolution_mu(target_tokens) if obj.resolution_shift else None
         sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu,
@@ -348,10 +457,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _forward_backward(self, batch: dict):
-        loss, losses, sigmas = self.compute_loss(batch)
+    def _next_batch(self, step_start: int) -> dict:
+        try:
+            return next(self.batches)
+        except DataError as err:
+            raise self._stopped_by_data(err, step_start) from None
+
+    def _stopped_by_data(self, err: DataError, step_start: int) -> DataError:
+        """The data failed (past data.max_skip_rate, a set that yields nothing): the run stops with a
+        checkpoint of the last finished step, and the error says where it is."""
+        latest = ckpt.latest_checkpoint(self.checkpoint_root)
+        if self.accelerator.num_processes > 1:  # the other ranks are inside the step: the launcher stops them
+            return DataError(f"{err}. The newest checkpoint is {latest or 'none'}")
+        if self.step == 0 or (latest is not None and latest.name == ckpt.step_dir(latest.parent, self.step).name):
+            return DataError(f"{err}. Nothing to save since {latest or 'the start'}")
+        self.optimizer.zero_grad(set_to_none=True)  # the unfinished step is redone after a resume
+        self.batches.batches_yielded = step_start
+        path = self.save_checkpoint()
+        return DataError(f"{err}. The run stopped with a checkpoint of step {self.step} ({path}); after fixing the "
+                         "data continue with trainer.resume=auto")
+
+    def _forward_backward(self, batch: dict, step_start: int):
+        """Loss and backward of a micro-batch; one whose every sample the encoders refuse is replaced by the
+        next (returned with the result)."""
+        try:
+            while (result := self.compute_loss(batch)) is None:
+                batch = next(self.batches)
+        except DataError as err:
+            raise self._stopped_by_data(err, step_start) from None
+        loss, losses, sigmas = result
         self.accelerator.backward(loss)
-        return loss, losses, sigmas
+        return loss, losses, sigmas, batch
 
     def _init_wandb(self) -> None:
         lcfg = self.cfg.get("logging", {})
@@ -378,15 +514,17 @@ class Trainer:
         start_step = self.step
         while self.step < tcfg.max_steps:
             loss_sum, keys = torch.zeros((), device=acc.device), []
+            step_start = self.batches.batches_yielded
             for _ in range(self.accumulation):
-                batch = next(self.batches)
-                keys += batch["key"]
+                batch = self._next_batch(step_start)
                 with acc.accumulate(self.editor):
                     if self.flops_per_step is None:  # count the real step's FLOPs once (step 1), for MFU
-                        (loss, losses, sigmas), flops = count_step_flops(lambda: self._forward_backward(batch))
+                        (loss, losses, sigmas, batch), flops = count_step_flops(
+                            lambda: self._forward_backward(batch, step_start))
                         self.flops_per_step = flops * self.accumulation * acc.num_processes
                     else:
-                        loss, losses, sigmas = self._forward_backward(batch)
+                        loss, losses, sigmas, batch = self._forward_backward(batch, step_start)
+                    keys += batch["key"]
                     loss_sum += loss.detach()
                     if acc.sync_gradients:
                         grad_norm = self._optimizer_step(loss_sum, keys)
@@ -421,7 +559,8 @@ class Trainer:
                 loss_totals, counts = bins.tolist()
                 record.update({f"loss/sigma_{name}": t / c for name, t, c in
                                zip(flow.sigma_bin_names(), loss_totals, counts) if c})
-                record.update({f"data/skipped_{reason}": n for reason, n in batch.get("skipped", {}).items()})
+                skipped = Counter(batch.get("skipped", {})) + Counter(self.encoder.skips.counts)  # reading + encoding
+                record.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
                 record.update(self.pending_metrics)
                 self.pending_metrics = {}
                 if acc.is_main_process:

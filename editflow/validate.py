@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from editflow.errors import ConfigError
 from editflow.flow import LOSS_WEIGHTING, SIGMA_SAMPLING
 from editflow.models.build import DTYPES
 
-
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "check_world_size", "validate"]
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -50,6 +49,13 @@ def validate(cfg: DictConfig) -> None:
              f"objective.drop_text + drop_image + drop_both must not exceed 1, got {sum(drops)}")
     d = cfg.data
     _require(d.kind in ("toy", "shards"), "data.kind", f"expected toy or shards, got {d.kind!r}")
+    for key in ("train", "val"):
+        _require(d.kind != "toy" or d.get(key) is None, f"data.{key}",
+                 f"the toy data (data=toy, the default) has no data.{key} and would ignore it; add data=shards to "
+                 f"train on shards: editflow train data=shards data.{key}=DIR ...")
+    _require(d.kind != "shards" or not OmegaConf.is_missing(d, "train"), "data.train",
+             "is not set: give a shard directory (editflow data convert --out), a list of them, or "
+             "{name: {path: DIR, weight: W}}")
     _require(d.bucket_base % 16 == 0, "data.bucket_base", f"must be a multiple of 16, got {d.bucket_base}")
     _require(0 <= d.max_skip_rate < 1, "data.max_skip_rate", f"must be in [0, 1), got {d.max_skip_rate}")
     m = cfg.model

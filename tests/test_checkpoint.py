@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from editflow import checkpoint as ckpt
+from editflow.errors import CheckpointError
 
 
 def save(root, step, model, **extra):
@@ -47,5 +48,5 @@ def test_checkpoint_without_marker_is_ignored(tmp_path):
 
 def test_loading_into_the_wrong_model_names_the_tensors(tmp_path):
     path = save(tmp_path, 1, nn.Linear(3, 2))
-    with pytest.raises(KeyError, match="no parameter"):
+    with pytest.raises(CheckpointError, match="no parameter"):
         ckpt.load_model_weights(nn.Sequential(nn.Linear(3, 2)), path)

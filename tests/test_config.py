@@ -139,3 +139,30 @@ def test_readme_runs_the_pinned_cuda_image():
     dockerfile = (CONFIG_DIR.parent / "docker" / "Dockerfile").read_text()
     assert "docker build -f docker/Dockerfile" in readme and "docker run --gpus all" in readme
     assert "FROM nvidia/cuda:" in dockerfile and "torch==" in dockerfile and "flash-attn==" in dockerfile
+
+
+def test_hydra_overrides_stand_anywhere_on_a_command_line(capsys):
+    import argparse
+
+    from editflow.config import parse_with_overrides
+
+    parser = argparse.ArgumentParser(prog="editflow x")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--dry-run", action="store_true")
+    args, overrides = parse_with_overrides(parser, ["experiment=a", "--nodes", "4", "+b.c=1", "--dry-run", "~d",
+                                                    "--", "e=2"])
+    assert (args.nodes, args.dry_run, overrides) == (4, True, ["experiment=a", "+b.c=1", "~d", "e=2"])
+    with pytest.raises(SystemExit):
+        parse_with_overrides(parser, ["experiment=a", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_encode_has_help_and_rejects_unknown_flags(capsys):
+    from editflow.preencode import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "editflow encode [hydra overrides]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["--nodes", "2"])
+    assert info.value.code == 2 and "unrecognized arguments: --nodes 2" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -123,3 +124,103 @@ def test_bad_inputs_fail_before_sampling_with_a_clear_message(quick_model, sourc
     assert "unsupported format" in error_of(quick_model, capsys, "--image", source, "--instruction", "x",
                                             "--out", tmp_path / "o.gif")
     assert not out.exists()
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("editflow.pipeline.EditPipeline.from_pretrained", refuse)
+
+
+def test_inputs_are_checked_before_the_model_loads(quick_model, source, tmp_path, capsys, no_model_load):
+    out = tmp_path / "o.png"
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(source.read_bytes()[:200])
+    assert "cut.png: cannot read" in error_of(quick_model, capsys, "--image", cut, "--instruction", "x", "--out", out)
+    assert "source image not found" in error_of(quick_model, capsys, "--image", tmp_path / "nope.png",
+                                                "--instruction", "x", "--out", out)
+    assert "over the text encoder's limit" in error_of(quick_model, capsys, "--image", source, "--instruction",
+                                                        "paint it " * 400, "--out", out)
+    (tmp_path / "file").write_text("")
+    assert "not a writable directory" in error_of(quick_model, capsys, "--image", source, "--instruction", "x",
+                                                  "--out", tmp_path / "file" / "o.png")
+    (tmp_path / "dir.png").mkdir()
+    assert "is a directory" in error_of(quick_model, capsys, "--image", source, "--instruction", "x",
+                                        "--out", tmp_path / "dir.png")
+    assert "--steps must be a positive integer" in error_of(quick_model, capsys, "--image", source,
+                                                            "--instruction", "x", "--out", out, "--steps", "0")
+    message = error_of(quick_model, capsys, "--image", source, "--instruction", "x", "--out", out,
+                       "--size", "4096x4096")
+    assert "over 4.2 MP" in message and "--allow-large" in message
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps({"image": str(source), "instruction": "x", "out": str(out)})
+                                  for _ in range(2)))
+    message = error_of(quick_model, capsys, "--batch", requests)
+    assert message.startswith("editflow edit: error: request 2: output") and "also written by request 1" in message
+    assert not out.exists()
+
+
+def test_a_model_path_of_another_kind_is_named(quick_model, source, tmp_path, capsys, no_model_load):
+    def model_error(model):
+        with pytest.raises(SystemExit):
+            edit_main(["--model", str(model), "--image", str(source), "--instruction", "x", "--out",
+                       str(tmp_path / "o.png")])
+        return capsys.readouterr().err
+
+    diffusers_dir = tmp_path / "kontext"
+    diffusers_dir.mkdir()
+    (diffusers_dir / "model_index.json").write_text("{}")
+    assert "is a diffusers pipeline, not an editflow model" in model_error(diffusers_dir)
+    assert "does not exist" in model_error(tmp_path / "missing")
+    weights = quick_model / "run" / "checkpoints"
+    single = sorted(weights.iterdir())[-1] / "model.safetensors"
+    assert "is a file" in model_error(single)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "editflow.json").write_text(json.dumps({"format": "editflow-export", "kind": "full", "config": {}}))
+    assert "without connector/model.safetensors, transformer" in model_error(export)
+
+
+def test_a_large_source_is_edited_at_the_bucket_size_with_a_note(quick_model, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1024, 768), (20, 120, 200)).save(big)
+    out = tmp_path / "o.png"
+    edit(quick_model, "--image", big, "--instruction", "Add a red circle.", "--out", out)
+    note = capsys.readouterr().err
+    assert "big.png is 1024x768; it is edited at 96x64" in note and "--size WxH" in note
+    assert Image.open(out).size == (96, 64)
+
+
+MODES = {  # mode -> (image, the RGB pixel every reader must see)
+    "16-bit": (Image.fromarray(np.full((64, 64), 0x8080, np.uint16)), (128, 128, 128)),
+    "palette+transparency": (Image.new("P", (64, 64), 0), (255, 255, 255)),
+    "CMYK": (Image.new("CMYK", (64, 64), (0, 255, 255, 0)), (255, 0, 0)),
+    "RGBA": (Image.new("RGBA", (64, 64), (255, 0, 0, 0)), (255, 255, 255)),
+    "LA": (Image.new("LA", (64, 64), (0, 255)), (0, 0, 0)),
+    "grey": (Image.new("L", (64, 64), 77), (77, 77, 77)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_image_mode_reads_the_same_in_edit_training_and_convert(mode, tmp_path):
+    from editflow.data.convert import Validation, load_image
+    from editflow.data.samples import decode_sample
+    from editflow.edit import EditRequest, ModelLimits, prepare
+
+    image, expected = MODES[mode]
+    path = tmp_path / ("in.tif" if mode == "CMYK" else "in.png")
+    if mode == "palette+transparency":
+        image.putpalette([10, 20, 30] * 256)
+        image.info["transparency"] = 0
+        image.save(path, transparency=0)
+    else:
+        image.save(path)
+    edited = prepare(EditRequest([str(path)], "x", str(tmp_path / "o.png")), ModelLimits(64, 512)).source
+    trained = decode_sample({"__key__": "k", "json": b'{"instruction": "x"}', "src.png": path.read_bytes(),
+                             "tgt.png": path.read_bytes()}).source
+    stored, _, _ = load_image(str(path), "source", {}, Validation(min_side=1))
+    converted = Image.open(io.BytesIO(stored))
+    for seen in (edited, trained, converted):
+        assert seen.mode == "RGB" and seen.getpixel((5, 5)) == expected, (mode, seen.mode, seen.getpixel((5, 5)))

@@ -57,3 +57,57 @@ def test_tiny_qwen_judge_runs_through_evaluate():
     for side in ("model", "baseline"):
         assert {"judge_sc", "judge_pq", "judge_overall", "judge_parsed"} <= result[side].keys()
         assert 0 <= result[side]["judge_parsed"] <= 1  # a random tiny model rarely answers in format
+
+
+@pytest.fixture()
+def stand_in_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint that passes the file checks; loading it as a model fails the test."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    save_file({"w": torch.zeros(1)}, path / "model.safetensors")
+    (path / "train_state.json").write_text(json.dumps({"config": {}}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad data was reported")
+
+    monkeypatch.setattr("editflow.pipeline.EditPipeline.from_pretrained", refuse)
+    return path
+
+
+def eval_error(capsys, *args):
+    from editflow.evaluate_cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_eval_names_a_truncated_shard_before_the_model_loads(tmp_path, capsys, stand_in_checkpoint):
+    from editflow.data.shards import shard_urls
+    from editflow.data.toy_shards import write_toy_shards
+
+    data = write_toy_shards(tmp_path / "val", num=12, samples_per_shard=6, progress=False)
+    second = shard_urls(data)[1]
+    open(second, "r+b").truncate(len(open(second, "rb").read()) // 2)
+    message = eval_error(capsys, "--model", stand_in_checkpoint, "--data", data, "--out", tmp_path / "m.json")
+    assert f"shard {second} cannot be read to the end" in message and "Traceback" not in message
+    assert message.count("\n") == 1  # one paragraph
+
+
+def test_eval_refuses_a_set_with_nothing_to_edit(tmp_path, capsys, stand_in_checkpoint):
+    from editflow.data.shards import write_manifest, write_shard
+
+    (tmp_path / "empty").mkdir()
+    write_manifest(tmp_path / "empty", {"shards": [write_shard(tmp_path / "empty" / "s.tar", [])],
+                                        "num_samples": 0})
+    message = eval_error(capsys, "--model", stand_in_checkpoint, "--data", tmp_path / "empty", "--out",
+                         tmp_path / "m.json")
+    assert "--data: " in message and "lists 0 samples" in message
+    assert "does not exist" in eval_error(capsys, "--model", stand_in_checkpoint, "--data", tmp_path / "nope",
+                                          "--out", tmp_path / "m.json")

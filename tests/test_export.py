@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
@@ -42,3 +43,32 @@ def test_edit_cli_accepts_an_export(quick_model, tmp_path):
     edit_main(["--model", str(out), "--image", str(source), "--instruction", "Remove the circle.", "--out",
                str(tmp_path / "o.png"), "--steps", "2"])
     assert (tmp_path / "o.png").exists()
+
+
+def test_export_never_destroys_what_is_in_its_way(quick_model, tmp_path, monkeypatch):
+    import errno
+
+    from editflow.errors import EditflowError
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(EditflowError, match="non-empty directory that is not an editflow export"):
+        export(quick_model / "run", taken)
+    assert (taken / "notes.txt").read_text() == "mine"
+    out = export(quick_model / "run", tmp_path / "export")
+    with pytest.raises(EditflowError, match="already holds an export; pass --overwrite"):
+        export(quick_model / "run", out)
+    with pytest.raises(EditflowError, match="is already an export"):
+        export(out, tmp_path / "again")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("editflow.export.save_file", full)
+    with pytest.raises(EditflowError, match="No space left on device.*was left as it was"):
+        export(quick_model / "run", out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and not (tmp_path / "export.tmp").exists()
+    monkeypatch.undo()
+    assert export(quick_model / "run", out, overwrite=True) == out and not (tmp_path / "export.old").exists()

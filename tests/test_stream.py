@@ -1,11 +1,13 @@
 import itertools
 import json
+import os
 
 import pytest
 
 from editflow.data.shards import shard_urls, write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
 from editflow.data.toy_shards import toy_sample, write_toy_shards
+from editflow.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,81 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
     strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10)
     with pytest.raises(RuntimeError, match="max_skip_rate"):
         list(itertools.islice(strict, 20))
+
+
+def truncate(path, fraction):
+    os.truncate(path, int(os.path.getsize(path) * fraction))
+
+
+def test_truncated_shard_is_counted_as_a_skip_naming_it(tmp_path, caplog):
+    good = [toy_sample(i, seed=0, size=64) for i in range(10)]
+    write_shard(tmp_path / "good.tar", good)
+    write_shard(tmp_path / "cut.tar", [toy_sample(i, seed=1, size=64) for i in range(10)])
+    truncate(tmp_path / "cut.tar", 0.55)
+    loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5)
+    batches = list(itertools.islice(loader, 12))
+    assert batches[-1]["skipped"]["unreadable_shard"] >= 1
+    assert any("cut.tar cannot be read to the end" in r.message for r in caplog.records)
+    keys = {k for b in batches for k in b["key"]}
+    assert {s["__key__"] for s in good} <= keys  # the intact shard, and what precedes the damage, still train
+    strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5)
+    with pytest.raises(DataError, match=r"cut\.tar.*max_skip_rate|max_skip_rate.*cut\.tar"):
+        list(itertools.islice(strict, 50))
+
+
+def test_a_set_with_no_samples_fails_instead_of_waiting_forever(tmp_path):
+    write_shard(tmp_path / "empty.tar", [])
+    with pytest.raises(DataError, match="shard set 'toy'.*yielded no sample"):
+        next(make([str(tmp_path / "empty.tar")]))
+    (tmp_path / "zero.tar").write_bytes(b"")  # not even a tar: counted, then the same verdict
+    with pytest.raises(DataError, match="yielded no sample"):
+        next(make([str(tmp_path / "zero.tar")], max_skip_rate=0.99))
+
+
+def test_every_sample_undecodable_stops_with_the_reason(tmp_path):
+    samples = [toy_sample(i, seed=0, size=64) for i in range(3)]
+    for s in samples:
+        s["tgt.png"] = b"broken"
+    write_shard(tmp_path / "bad.tar", samples)
+    with pytest.raises(DataError, match="undecodable_image.*max_skip_rate"):
+        next(make([str(tmp_path / "bad.tar")], batch=2, max_skip_rate=0.5, min_seen_for_skip_rate=20))
+
+
+def test_fewer_samples_than_readers_is_an_error_not_a_hang(tmp_path):
+    write_shard(tmp_path / "one.tar", [toy_sample(0, seed=0, size=64)])
+    with pytest.raises(DataError, match="1 samples, fewer than the 2 readers"):
+        next(make([str(tmp_path / "one.tar")], rank=1, world=2, batch=1))
+
+
+def test_two_records_under_one_key_are_skipped_as_duplicates(tmp_path):
+    samples = [toy_sample(i, seed=0, size=64) for i in range(4)]
+    samples[1]["__key__"] = samples[0]["__key__"]  # written one after the other: one key, fields twice
+    write_shard(tmp_path / "dup.tar", samples)
+    loader = make([str(tmp_path / "dup.tar")], batch=1, buffer=1, max_skip_rate=0.9)
+    batches = list(itertools.islice(loader, 2))
+    assert batches[-1]["skipped"] == {"duplicate_key": 1}
+    assert samples[0]["__key__"] not in {k for b in batches for k in b["key"]}
+
+
+def test_worker_errors_reach_the_trainer_as_one_paragraph(tmp_path):
+    write_shard(tmp_path / "empty.tar", [])
+    with pytest.raises(DataError) as info:
+        next(make([str(tmp_path / "empty.tar")], workers=1))
+    assert "Traceback" not in str(info.value) and "yielded no sample" in str(info.value)
+
+
+def test_a_shard_cut_between_two_members_is_detected(tmp_path):
+    """tarfile ends silently when the cut falls on a member boundary: the missing end blocks give it away."""
+    import tarfile
+
+    from editflow.data.loader import iter_tar
+
+    write_shard(tmp_path / "s.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+    boundary = members[6].offset  # the header of the 2nd sample's 3rd member: its src/tgt are gone
+    os.truncate(tmp_path / "s.tar", boundary)
+    with pytest.raises(tarfile.ReadError, match=f"no end-of-archive blocks at byte {boundary}"):
+        list(iter_tar(str(tmp_path / "s.tar")))
+    write_shard(tmp_path / "whole.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
+    assert len(list(iter_tar(str(tmp_path / "whole.tar")))) == 4

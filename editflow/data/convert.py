@@ -35,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
@@ -43,6 +42,7 @@ from editflow.data.archives import Assembly, Timeline, completion_order, index_a
 from editflow.data.buckets import nearest_bucket
 from editflow.data.errors import DataError
 from editflow.data.formats import BadRecord, Inputs, Record, find_inputs, read_checksums, read_records
+from editflow.data.images import to_rgb
 from editflow.data.keys import KeyRegistry
 from editflow.data.metadata import iter_records
 from editflow.data.shards import ShardWriter, read_manifest, sha256_file, write_manifest, write_shard
@@ -66,21 +66,6 @@ class Reject(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white, 16-bit scaled (not clipped)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _is_16bit_png(data: bytes) -> bool:

@@ -8,6 +8,8 @@ import json
 
 from PIL import Image
 
+from editflow.data.images import to_gray, to_rgb
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -42,14 +44,22 @@ def _image(raw: dict, role: str, required: bool = True) -> Image.Image | None:
                 image.load()
             except Exception as err:
                 raise SampleError("undecodable_image", f"{_where(raw)}, field {role}.{ext}: cannot decode ({err})") from err
-            return image.convert("RGB") if role != "mask" else image.convert("L")
+            return to_rgb(image) if role != "mask" else to_gray(image)
     if required:
         raise SampleError("missing_field", f"{_where(raw)}: no {role}.{{{','.join(IMAGE_EXTS)}}} field")
     return None
 
 
+def reject_duplicate(raw: dict) -> None:
+    """Two records written under one key arrive as one sample with repeated fields (see `iter_tar`)."""
+    if "__duplicate__" in raw:
+        raise SampleError("duplicate_key", f"{_where(raw)}: two records share this key (field "
+                                           f"{raw['__duplicate__']} repeats); convert the data again")
+
+
 def decode_sample(raw: dict) -> EditSample:
     """A raw webdataset dict (bytes per extension) -> EditSample, or SampleError saying what is wrong."""
+    reject_duplicate(raw)
     if "json" not in raw:
         raise SampleError("missing_field", f"{_where(raw)}: no json field")
     try:

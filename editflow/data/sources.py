@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from braceexpand import braceexpand
 from omegaconf import DictConfig
 
-from editflow.data.shards import read_manifest, shard_urls
+from editflow.data.shards import MANIFEST, read_manifest
 from editflow.data.stream import ShardSet
 from editflow.data.toy_shards import write_toy_shards
+from editflow.errors import ConfigError, DataError
 
 
 def default_cache_dir() -> Path:
@@ -43,24 +45,63 @@ def recorded_encoding(spec) -> dict | None:
     return records[0] if records else None
 
 
-def resolve_urls(spec) -> list[str]:
-    """Shard URLs from a directory with a manifest, a list of directories, or explicit tar paths/brace patterns."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
+def directory_urls(directory: Path, key: str) -> list[str]:
+    """The finished shards of a directory written by `editflow data convert` or `editflow encode`, checked
+    against its manifest: it lists shards, they exist, and they hold samples."""
+    manifest = read_manifest(directory)
+    if not manifest["shards"]:
+        raise ConfigError(f"{key}: {directory} has no {MANIFEST} listing finished shards; give the --out directory "
+                          "of `editflow data convert` (or of `editflow encode`), a list of them, or .tar files")
+    counts = [entry.get("count") for entry in manifest["shards"]]
+    total = manifest.get("num_samples", sum(counts) if None not in counts else None)
+    if total == 0:
+        rejects = directory / "rejects.jsonl"
+        why = f"; {rejects} says why each record was rejected" if rejects.exists() else ""
+        raise DataError(f"{key}: {directory}/{MANIFEST} lists 0 samples in {len(counts)} shard(s): nothing to read"
+                        f"{why}. Fix the input and convert again, or leave this set out")
+    urls = [str(directory / entry["file"]) for entry in manifest["shards"]]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise ConfigError(f"{key}: {len(missing)} shard(s) listed in {directory}/{MANIFEST} are missing, e.g. "
+                          f"{missing[0]}; copy them back (`editflow data verify {directory}` checks every shard)")
+    return urls
+
+
+def resolve_urls(spec, key: str) -> list[str]:
+    """Shard paths from a directory with a manifest, a list of directories, or tar paths/brace patterns
+    (`shard-{000000..000099}.tar`); anything that does not exist is an error naming `key`."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     urls: list[str] = []
     for item in specs:
-        path = Path(str(item)).expanduser()
-        urls += shard_urls(path) if path.is_dir() else [str(item)]
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            urls += directory_urls(path, key)
+            continue
+        if "://" in text or text.startswith("pipe:"):
+            raise ConfigError(f"{key}: {text} is a URL; shards are read from local or mounted storage: copy or "
+                              "mount them and give their directory")
+        expanded = [str(Path(u).expanduser()) for u in braceexpand(text)]
+        missing = [u for u in expanded if not os.path.isfile(u)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"{key}: {missing[0]} does not exist{more}; give a shard directory with {MANIFEST} "
+                              "(`editflow data convert --out`), a list of them, or existing .tar files")
+        urls += expanded
+    if not urls:
+        raise ConfigError(f"{key}: no shards given")
     return urls
 
 
 def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
     """Shard URLs of `split` ("train" or "val") for a `data/` config node."""
     if cfg.kind == "toy":
-        return resolve_urls(str(ensure_toy(cfg.toy, split, progress)))
+        return resolve_urls(str(ensure_toy(cfg.toy, split, progress)), f"data.toy ({split})")
     spec = cfg.get(split)
     if not spec:
-        raise ValueError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar files")
-    return resolve_urls(spec)
+        raise ConfigError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar "
+                          "files")
+    return resolve_urls(spec, f"data.{split}")
 
 
 def set_names(cfg: DictConfig) -> list[tuple[str, float | None]]:
@@ -111,13 +152,13 @@ def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
     for name, _ in named:
         manifest = read_manifest(root / name)
         if "encoding" not in manifest:
-            raise FileNotFoundError(f"data.pre_encoded={root}: no finished encoding of set {name!r} (no "
-                                    f"{root / name}/manifest.json); run `editflow encode encode.out={root}` with "
-                                    "this run's overrides")
+            raise ConfigError(f"data.pre_encoded={root}: no finished encoding of set {name!r} (no "
+                              f"{root / name}/manifest.json); run `editflow encode encode.out={root}` with "
+                              "this run's overrides")
         manifests.append(manifest)
     weights = mixture(named, [m.get("num_samples") for m in manifests])
-    return [ShardSet(name, shard_urls(root / name), weight, encoding=manifest["encoding"])
-            for (name, _), weight, manifest in zip(named, weights, manifests)]
+    return [ShardSet(name, directory_urls(root / name, f"data.pre_encoded ({name})"), weight,
+                     encoding=manifest["encoding"]) for (name, _), weight, manifest in zip(named, weights, manifests)]
 
 
 def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
@@ -134,10 +175,13 @@ def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
         return [ShardSet("toy", split_urls(cfg, "train", progress))]
     spec = cfg.get("train")
     if not spec:
-        raise ValueError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
+        raise ConfigError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
     if isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
-        return [ShardSet("train", resolve_urls(spec), encoding=recorded_encoding(spec))]
+        return [ShardSet("train", resolve_urls(spec, "data.train"), encoding=recorded_encoding(spec))]
+    for name in spec:
+        if not hasattr(spec[name], "get") or not spec[name].get("path"):
+            raise ConfigError(f"data.train.{name}: expected {{path: DIR or [DIRS], weight: W}}, got {spec[name]!r}")
     named = set_names(cfg)
     weights = mixture(named, [set_size(spec[name].path) for name, _ in named])
-    return [ShardSet(name, resolve_urls(spec[name].path), weight, encoding=recorded_encoding(spec[name].path))
-            for (name, _), weight in zip(named, weights)]
+    return [ShardSet(name, resolve_urls(spec[name].path, f"data.train.{name}.path"), weight,
+                     encoding=recorded_encoding(spec[name].path)) for (name, _), weight in zip(named, weights)]

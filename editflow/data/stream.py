@@ -11,14 +11,17 @@ The position is the number of batches yielded. Restoring it replays the stream
 from the start while reading only tar headers and the small `.json` members
 (never decoding images), which is exact and cheap; a different world size
 cannot be replayed and is reported.
+
+Damaged data never stops a run by surprise: a sample that fails to decode and a shard that cannot be
+read to the end (truncated, corrupt or gone) are skipped and counted per reason (`data/skipped_*` in
+the metrics); past `data.max_skip_rate` the stream raises `DataError`, and so does a set from which a
+full pass yields no sample at all.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,10 +31,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
-from editflow.data.loader import image_tensor
-from editflow.data.samples import SampleError, decode_sample
-
-log = logging.getLogger(__name__)
+from editflow.data.loader import SHARD_ERRORS, image_tensor, iter_tar
+from editflow.data.samples import SampleError, decode_sample, reject_duplicate
+from editflow.data.skips import SkipCounter
+from editflow.errors import ConfigError, DataError, EditflowError
 
 
 @dataclass
@@ -40,28 +43,6 @@ class ShardSet:
     urls: list[str]
     weight: float = 1.0
     encoding: dict | None = None  # pre-encoded shards: the manifest's record of how (data/encoded.py)
-
-
-def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
-    """Samples of one tar shard as webdataset dicts; while `meta_only()` is true, non-json members are skipped
-    unread (tarfile seeks over them) and the sample is marked `__partial__`."""
-    with tarfile.open(url, mode="r:") as tar:
-        current: dict | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if ext == "json" or not meta_only():
-                current[ext] = tar.extractfile(member).read()
-            else:
-                current["__partial__"] = True
-        if current is not None:
-            yield current
 
 
 def refetch(raw: dict) -> dict:
@@ -123,7 +104,7 @@ class BucketStream(IterableDataset):
         bucket_base: int = 1024,
         source_pixels: int | None = None,
         max_skip_rate: float = 0.05,
-        min_seen_for_skip_rate: int = 200,
+        min_seen_for_skip_rate: int | None = None,
         square_only: bool = False,
         encoded: bool = False,
         text_key: Callable[[dict, tuple[int, int, bool]], int] | None = None,
@@ -139,11 +120,21 @@ class BucketStream(IterableDataset):
         # a second grouping key from (raw sample, bucket): the text bucket (encoding.TextBucketKey), so that
         # batches need no attention mask
         self.text_key = text_key
-        self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
-        self.skipped: dict[str, int] = {}
-        self.seen = 0
+        self.skips = SkipCounter(max_skip_rate, min_seen_for_skip_rate)
         self._fast_forward = False  # while true, shards are read for their json only
+
+    def _shard(self, url: str) -> Iterator[dict]:
+        """The samples of one shard; a shard that cannot be read to the end is counted as one skip and the
+        samples before the damage are kept."""
+        try:
+            yield from iter_tar(url, meta_only=lambda: self._fast_forward)
+        except SHARD_ERRORS as err:
+            if self._fast_forward:  # counted when it was first read, before the resume
+                return
+            self.skips.seen += 1
+            self.skips.skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: "
+                                                f"{err}); its remaining samples are skipped")
 
     # -- which shards this rank/worker reads -------------------------------------------------
     def _my_shards(self, shard_set: ShardSet, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -159,16 +150,26 @@ class BucketStream(IterableDataset):
     def _raw_samples(self, shard_set: ShardSet, worker: int, num_workers: int) -> Iterator[dict]:
         readers = self.world_size * num_workers
         me = self.rank * num_workers + worker
-        epoch = 0
+        epoch, produced, visited = 0, False, set()
         while True:
             urls = self._my_shards(shard_set, epoch, worker, num_workers)
             strided = len(shard_set.urls) < readers
             index = 0
             for url in urls:
-                for raw in iter_tar(url, meta_only=lambda: self._fast_forward):
+                for raw in self._shard(url):
                     if not strided or index % readers == me:
+                        produced = True
                         yield raw
                     index += 1
+            visited.update(urls)
+            if not produced and len(visited) == len(set(shard_set.urls)):  # would loop forever
+                if index:  # strided: every reader saw `index` samples, none of them this reader's
+                    raise DataError(f"shard set {shard_set.name!r} has {index} samples, fewer than the {readers} "
+                                    "readers (processes x data.num_workers): some would never get one; use fewer "
+                                    "data.num_workers or more data")
+                raise DataError(f"shard set {shard_set.name!r}: a full pass over its {len(visited)} shard(s) "
+                                f"({shard_set.urls[0]}, ...) yielded no sample; the shards are empty or unreadable "
+                                "(`editflow data verify DIR` checks them; convert again or leave the set out)")
             epoch += 1
 
     def _mixed(self, worker: int, num_workers: int) -> Iterator[dict]:
@@ -200,25 +201,26 @@ class BucketStream(IterableDataset):
     def _decode(self, raws: list[dict]) -> list:
         samples = []
         for raw in raws:
-            raw = refetch(raw) if raw.get("__partial__") else raw
-            self.seen += 1
+            self.skips.seen += 1
             try:
-                samples.append(decode_encoded(raw) if self.encoded else decode_sample(raw))
+                samples.append(self._decode_one(refetch(raw) if raw.get("__partial__") else raw))
             except SampleError as err:
-                self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
-                total = sum(self.skipped.values())
-                log.warning("skipping sample (%d skipped so far): %s", total, err)
-                if self.seen >= self.min_seen and total / self.seen > self.max_skip_rate:
-                    raise RuntimeError(f"{total} of {self.seen} samples failed ({self.skipped}), over "
-                                       f"data.max_skip_rate={self.max_skip_rate:.1%}; last: {err}") from err
+                self.skips.skip(err.reason, str(err))
+            except SHARD_ERRORS as err:  # the shard was damaged after the fast-forward read its json
+                self.skips.skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be "
+                                                    f"read ({type(err).__name__}: {err})")
         return samples
+
+    def _decode_one(self, raw: dict):
+        reject_duplicate(raw)
+        return decode_encoded(raw) if self.encoded else decode_sample(raw)
 
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
         if self.encoded:
             batch = collate_encoded(samples)
         else:
             batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
-        return {**batch, "skipped": dict(self.skipped)}
+        return {**batch, "skipped": dict(self.skips.counts)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -259,7 +261,13 @@ class ResumableLoader:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = self._make()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except EditflowError as err:  # from a worker: re-raised with its traceback in the message
+            message = str(err)
+            if message.startswith("Caught "):
+                message = message.rstrip().rsplit(f"{type(err).__name__}: ", 1)[-1]
+            raise type(err)(message) from None
         self.batches_yielded += 1
         return batch
 
@@ -271,14 +279,15 @@ class ResumableLoader:
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         if state["world_size"] != mine["world_size"]:
-            raise ValueError(
-                f"the checkpoint's data position was saved with world size {state['world_size']}, this run has "
-                f"{mine['world_size']}: the exact sample order cannot be continued. Set "
-                "trainer.resume_data=false to resume the weights with a fresh data order."
+            raise ConfigError(
+                f"trainer.resume_data: the checkpoint's data position was saved with world size "
+                f"{state['world_size']}, this run has {mine['world_size']}: the exact sample order cannot be "
+                "continued. Set trainer.resume_data=false to resume the weights with a fresh data order."
             )
         for field in ("seed", "num_workers", "sets"):
             if state[field] != mine[field]:
-                raise ValueError(f"the checkpoint's data stream differs in {field}: saved {state[field]}, "
-                                 f"now {mine[field]}; set trainer.resume_data=false to start a fresh data order")
+                raise ConfigError(f"trainer.resume_data: the checkpoint's data stream differs in {field}: saved "
+                                  f"{state[field]}, now {mine[field]}; set trainer.resume_data=false to start a "
+                                  "fresh data order")
         self.batches_yielded = state["batches_yielded"]
         self._iterator = None

@@ -36,7 +36,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def connector_state(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """(tensors under the connector's own names, what `path` was) from a run, checkpoint, export or file."""
     from editflow.checkpoint import MODEL_FILE
-    from editflow.pipeline import resolve_checkpoint
+    from editflow.model_paths import resolve_checkpoint
 
     path = Path(str(path)).expanduser()
     if not path.exists():
