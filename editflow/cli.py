@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
               "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]\n"
               "  editflow export RUN_OR_CHECKPOINT --out DIR [--merge-lora]\n"
               "  editflow bench train [--model M --resolution R --batch B --steps N] [--out FILE.json]\n"
+              "  editflow bench data [--pairs N --rounds R] [hydra overrides] [--out FILE.json]\n"
               "  editflow slurm [--nodes N ...] [--dry-run] -- [hydra overrides]", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])

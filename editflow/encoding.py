@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from editflow.data.loader import unit_range
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.vae import LatentCodec
 
@@ -71,9 +72,12 @@ class FrozenEncoder:
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     @torch.no_grad()
-    def latents(self, images: torch.Tensor | None) -> torch.Tensor | None:
-        """Normalised VAE latents in the VAE's dtype (None stays None: text-to-image has no source)."""
-        return None if images is None else self.codec.encode(images.to(self.codec.device))
+    def latents(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
+        """Normalised VAE latents in the VAE's dtype of a uint8 (B, 3, H, W) batch, scaled to [-1, 1] on the
+        VAE's device (None stays None: text-to-image has no source)."""
+        if pixels is None:
+            return None
+        return self.codec.encode(unit_range(pixels.to(self.codec.device)))
 
     @torch.no_grad()
     def states(self, images: list, instructions: list[str]) -> list[torch.Tensor]:

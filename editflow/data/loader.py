@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -12,10 +13,50 @@ from PIL import Image
 from editflow.data.samples import EditSample, decode_sample
 
 
+def pixel_batch(images: list[Image.Image]) -> torch.Tensor:
+    """Same-size PIL images -> (B, 3, H, W) uint8 RGB in channels-last memory.
+
+    Channels-last is PIL's own pixel order, so each image costs one copy; conversion to floats (`unit_range`)
+    is left to the device the batch is going to, where it is cheap and the batch 4x smaller on the way."""
+    width, height = images[0].size
+    batch = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
+    array = batch.numpy()
+    for i, image in enumerate(images):
+        array[i] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    return batch.permute(0, 3, 1, 2)
+
+
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 in [-1, 1] in contiguous memory, on the pixels' device."""
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+
+
 def image_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return unit_range(pixel_batch([image]))[0]
+
+
+class PixelImages:
+    """The images of a uint8 (B, 3, H, W) pixel batch as RGB PIL images, made when read.
+
+    A DataLoader worker then hands a batch over as shared-memory tensors alone: pickled PIL images would
+    cross the process boundary through a pipe, byte by byte, and cost the training process more than the
+    worker spent decoding them. Deliberately not a `collections.abc.Sequence`: the DataLoader's
+    `default_convert` would rebuild one from its items, i.e. make every image in the worker."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return Image.fromarray(self.pixels[index].permute(1, 2, 0).numpy())
 
 
 def read_samples(urls: list[str], limit: int | None = None) -> list[EditSample]:
