@@ -189,8 +189,9 @@ def make_loader(urls: list[str], cfg, workers: int, shuffle_buffer: int, encoded
 
     d = cfg.data
     stream = BucketStream([ShardSet("bench", urls)], cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
-                          shuffle_buffer=shuffle_buffer, bucket_base=d.bucket_base, source_pixels=d.get("source_pixels"),
-                          max_skip_rate=d.max_skip_rate, square_only=d.get("square_only", False), encoded=encoded)
+                          shuffle_buffer=shuffle_buffer, bucket_base=d.bucket_base,
+                          source_pixels=d.get("source_pixels"), max_skip_rate=d.max_skip_rate,
+                          square_only=d.get("square_only", False), encoded=encoded)
     return ResumableLoader(stream, num_workers=workers)
 
 
@@ -268,6 +269,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings
+    commit = _commit()  # before anything runs: the code that is measured
     cfg = compose(overrides)
     workers = cfg.data.num_workers
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         "device": f"cpu ({_cpu_model()}, {cpus} cores)",
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["editflow bench data", *args.argv]).strip(),
-        "commit": _commit(),
+        "commit": commit,
         **{f"{n}_samples_per_s": median(f"{n}_samples_per_s") for n in names},
         "samples_per_cpu_s": {n: median(f"{n}_samples_per_cpu_s") for n in names},
         "workers": workers, "cpu": cpus, "cores_used": cores,
@@ -341,9 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="editflow bench data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Hydra overrides (key=value) choose the loader's settings: data.num_workers, "
-                                            "data.bucket_base, data.source_pixels, trainer.micro_batch_size, "
-                                            "model=... (encoded shapes), experiment=...")
+                                     epilog="Hydra overrides (key=value) choose the loader's settings: "
+                                            "data.num_workers, data.bucket_base, data.source_pixels, "
+                                            "trainer.micro_batch_size, model=... (encoded shapes), experiment=...")
     parser.add_argument("--pairs", type=int, default=96, help="JPEG pairs written (default 96)")
     parser.add_argument("--side", type=int, default=1024, help="short side of the pairs in pixels (default 1024)")
     parser.add_argument("--samples", type=int, default=128, help="pairs timed per measurement (default 128)")
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
     print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({result['workers']} workers), bare "
           f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"
-          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one process {result['ratio_one_process']['median']:.2f}x. "
+          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one process "
+          f"{result['ratio_one_process']['median']:.2f}x. "
           f"Wall clock: loader {result['loader_samples_per_s']:.1f} pairs/s, bare decode "
           f"{result['decode_samples_per_s']:.1f}, pre-encoded reader {result['encoded_samples_per_s']:.1f}. "
           f"Results: {out}", file=sys.stderr)

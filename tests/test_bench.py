@@ -1,4 +1,5 @@
-"""`editflow bench train` and `editflow bench data` smoke tests on the CPU: the schemas, and that both train variants step the same model."""
+"""`editflow bench train` and `editflow bench data` smoke tests on the CPU: the schemas, and that both train
+variants step the same model."""
 
 import json
 import subprocess

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import PixelImages, pixel_batch
-from editflow.data.samples import SampleError, decode_sample
+from editflow.data.samples import EditSample, SampleError, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def fit_sizes(bucket: tuple[int, int], source_pixels: int | None = None) -> dict
     return {"tgt": bucket, "src": scaled_bucket(bucket, source_pixels) if source_pixels else bucket}
 
 
-def decode_in_bucket(raw: dict, bucket: tuple, source_pixels: int | None = None):
+def decode_in_bucket(raw: dict, bucket: tuple, source_pixels: int | None = None) -> EditSample:
     """`decode_sample`, with JPEGs much larger than the sizes they are fitted to decoded at a reduced scale
     (an image whose bucket the json does not tell, (0, 0), is decoded whole)."""
     return decode_sample(raw, fit_sizes(bucket[:2], source_pixels) if all(bucket[:2]) else None)
@@ -210,7 +210,8 @@ class BucketStream(IterableDataset):
             raw = refetch(raw) if raw.get("__partial__") else raw
             self.seen += 1
             try:
-                samples.append(decode_encoded(raw) if self.encoded else decode_in_bucket(raw, bucket, self.source_pixels))
+                sample = decode_encoded(raw) if self.encoded else decode_in_bucket(raw, bucket, self.source_pixels)
+                samples.append(sample)
             except SampleError as err:
                 self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
                 total = sum(self.skipped.values())
