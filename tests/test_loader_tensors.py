@@ -98,8 +98,10 @@ def test_batches_from_a_worker_equal_those_made_in_process(tmp_path):
     for mine, theirs in zip(batches(0), batches(1), strict=True):
         assert mine["key"] == theirs["key"]
         assert torch.equal(mine["target"], theirs["target"]) and torch.equal(mine["source"], theirs["source"])
-        # the worker sends the pixels once; the images are made from them on this side
-        assert isinstance(theirs["source_images"], PixelImages)
+        # in-process, Qwen gets the fitted images themselves; a worker sends the pixels alone (shared memory)
+        # and the images are made from them on this side
+        assert isinstance(theirs["source_images"], PixelImages) and theirs["source_images"].images is None
+        assert mine["source_images"].images is not None
         for a, b in zip(mine["source_images"], theirs["source_images"]):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 

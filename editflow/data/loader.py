@@ -37,15 +37,19 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class PixelImages:
-    """The images of a uint8 (B, 3, H, W) pixel batch as RGB PIL images, made when read.
+    """The source images of a batch for Qwen: the PIL images themselves in the process that made the batch;
+    made again from the batch's uint8 (B, 3, H, W) pixels, when read, in the process it was sent to.
 
-    A DataLoader worker then hands a batch over as shared-memory tensors alone: pickled PIL images would
+    A DataLoader worker thus hands a batch over as shared-memory tensors alone: pickled PIL images would
     cross the process boundary through a pipe, byte by byte, and cost the training process more than the
     worker spent decoding them. Deliberately not a `collections.abc.Sequence`: the DataLoader's
     `default_convert` would rebuild one from its items, i.e. make every image in the worker."""
 
-    def __init__(self, pixels: torch.Tensor):
-        self.pixels = pixels
+    def __init__(self, pixels: torch.Tensor, images: list[Image.Image] | None = None):
+        self.pixels, self.images = pixels, images
+
+    def __getstate__(self) -> dict:
+        return {"pixels": self.pixels, "images": None}
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -56,6 +60,8 @@ class PixelImages:
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        if self.images is not None:
+            return self.images[index]
         return Image.fromarray(self.pixels[index].permute(1, 2, 0).numpy())
 
 

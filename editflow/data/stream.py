@@ -117,7 +117,7 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
         "instruction": [s.instruction for s in samples],
         "target": pixel_batch(targets),
         "source": source,
-        "source_images": PixelImages(source) if source is not None else [None] * len(samples),
+        "source_images": PixelImages(source, sources) if source is not None else [None] * len(samples),
         "text_to_image": [s is None for s in sources],
     }
 
