@@ -247,9 +247,16 @@ def default_out(result: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:
+        from editflow import bench_data
+
+        return bench_data.main(argv[1:])
     parser = argparse.ArgumentParser(prog="editflow bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("data", help="time the training data loader against a bare PIL decode loop and the pre-encoded "
+                                "reader (editflow bench data --help)")
     train = sub.add_parser("train", help="time the training step (editflow vs the diffusers-example way)")
     train.add_argument("--model", help="a conf/model config (default: the composed config's, tiny)")
     train.add_argument("--resolution", type=int, default=64, help="square side in pixels (multiple of 16)")

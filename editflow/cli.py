@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
               "  editflow eval --model RUN --data SHARDS --out metrics.json [--limit N]\n"
               "  editflow export RUN_OR_CHECKPOINT --out DIR [--merge-lora]\n"
               "  editflow bench train [--model M --resolution R --batch B --steps N] [--out FILE.json]\n"
+              "  editflow bench data [--pairs N --rounds R] [hydra overrides] [--out FILE.json]\n"
               "  editflow slurm [hydra overrides] [--nodes N ...] [--dry-run]\n"
               "Hydra overrides (key=value) may stand anywhere on a command's line.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -16,7 +16,9 @@ from collections.abc import Callable
 import torch
 
 from editflow.data.buckets import scaled_bucket
+from editflow.data.loader import unit_range
 from editflow.data.skips import SkipCounter
+from editflow.errors import DataError
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.editor import text_bucket
 from editflow.models.vae import LatentCodec
@@ -113,9 +115,12 @@ class FrozenEncoder:
         self.skips = skips
 
     @torch.no_grad()
-    def latents(self, images: torch.Tensor | None) -> torch.Tensor | None:
-        """Normalised VAE latents in the VAE's dtype (None stays None: text-to-image has no source)."""
-        return None if images is None else self.codec.encode(images.to(self.codec.device))
+    def latents(self, pixels: torch.Tensor | None) -> torch.Tensor | None:
+        """Normalised VAE latents in the VAE's dtype of a uint8 (B, 3, H, W) batch, scaled to [-1, 1] on the
+        VAE's device (None stays None: text-to-image has no source)."""
+        if pixels is None:
+            return None
+        return self.codec.encode(unit_range(pixels.to(self.codec.device)))
 
     @torch.no_grad()
     def states(self, images: list, instructions: list[str]) -> list[torch.Tensor]:
@@ -188,27 +193,34 @@ class FrozenEncoder:
 
 def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count: int = 16
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen states (padded, with their mask) of the first `count` training samples, for calibrating a fresh
-    connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images."""
-    import itertools
-
+    """Qwen states (padded, with their mask) of the first `count` usable training samples, for calibrating a
+    fresh connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images.
+    Samples and shards that training would skip are skipped here too."""
     from editflow.data.encoded import decode_encoded
-    from editflow.data.loader import read_samples
-    from editflow.data.samples import SampleError
-    from editflow.data.stream import iter_tar
+    from editflow.data.loader import SHARD_ERRORS, iter_tar
+    from editflow.data.samples import SampleError, decode_sample
 
-    urls = [u for s in sets for u in s.urls[:2]]
-    if sets[0].encoding is not None:
-        raws = itertools.islice((r for u in urls for r in iter_tar(u)), count)
-        rows = [decode_encoded(r).tensors["states"].float() for r in raws]
-    else:
-        rows = []
-        for sample in read_samples(urls, count):
-            try:  # a sample the encoder refuses (e.g. over max_length) is left out here as in training
-                states, mask = conditioner.encode([sample.source], [sample.instruction])
-            except (ValueError, SampleError):
-                continue
-            rows.append(states[0, : int(mask.sum())].float())
+    def states_of(raw: dict) -> torch.Tensor:
+        if sets[0].encoding is not None:
+            return decode_encoded(raw).tensors["states"]
+        sample = decode_sample(raw)
+        states, mask = conditioner.encode([sample.source], [sample.instruction])
+        return states[0, : int(mask.sum())]
+
+    urls, rows = [u for s in sets for u in s.urls[:2]], []
+    for url in urls:
+        if len(rows) == count:
+            break
+        try:
+            for raw in iter_tar(url):
+                if len(rows) == count:
+                    break
+                try:
+                    rows.append(states_of(raw).float())
+                except (SampleError, ValueError):  # undecodable, or refused by the encoder (over max_length)
+                    continue
+        except SHARD_ERRORS:
+            continue
     if not rows:
-        raise ValueError(f"no training sample could be encoded to calibrate the connector (read {urls[:3]}...)")
+        raise DataError(f"no training sample could be encoded to calibrate the connector (read {urls[:3]}...)")
     return pad_states(rows)

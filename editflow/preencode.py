@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from editflow.data.encoded import drawn_drops, encoded_sample, encoding_settings
-from editflow.data.samples import SampleError, decode_sample
+from editflow.data.samples import SampleError
 from editflow.data.shards import write_manifest, write_shard
 from editflow.data.sources import train_sets
-from editflow.data.stream import bucket_of, collate_images, iter_tar
+from editflow.data.stream import bucket_of, collate_images, decode_in_bucket, iter_tar
 from editflow.encoding import DROPS, FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 
@@ -82,7 +82,8 @@ class ShardEncoder:
         def decoded():
             for raw in iter_tar(url):
                 try:
-                    yield bucket_of(raw, self.data.bucket_base, self.data.get("square_only", False)), decode_sample(raw)
+                    bucket = bucket_of(raw, self.data.bucket_base, self.data.get("square_only", False))
+                    yield bucket, decode_in_bucket(raw, bucket, self.data.get("source_pixels"))
                 except SampleError as err:
                     rejected[err.reason] += 1
                     log.warning("skipping sample: %s", err)

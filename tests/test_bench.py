@@ -1,4 +1,5 @@
-"""`editflow bench train` smoke test on the CPU: the schema, and that both variants step the same model."""
+"""`editflow bench train` and `editflow bench data` smoke tests on the CPU: the schemas, and that both train
+variants step the same model."""
 
 import json
 import subprocess
@@ -29,3 +30,34 @@ def test_bench_rejects_a_bad_resolution(tmp_path):
     result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", "train", "--resolution", "100",
                              "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--resolution must be a multiple of 16" in result.stderr
+
+
+def test_bench_data_writes_the_result_schema(tmp_path):
+    out = tmp_path / "data.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", "data", "--pairs", "6", "--side", "64",
+                             "--samples", "4", "--rounds", "2", "--profile", "3", "--workdir", str(work), "model=tiny",
+                             "data.bucket_base=64", "data.num_workers=1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("editflow bench data --pairs 6") and data["device"].startswith("cpu")
+    assert data["workers"] == 1 and data["cpu"] >= 1 and data["cores_used"] == 1
+    names = ("loader", "loader_one_process", "decode", "encoded")
+    assert all(data[f"{n}_samples_per_s"] > 0 and data["samples_per_cpu_s"][n] > 0 for n in names)
+    assert len(data["rounds"]) == 2
+    for row in data["rounds"]:  # the ratios are those of one round's measurements, not of different runs
+        assert row["ratio_per_core"] == pytest.approx(row["loader_samples_per_cpu_s"] / row["decode_samples_per_cpu_s"])
+        assert row["ratio_per_core_wall"] == pytest.approx(row["loader_samples_per_s"] / row["decode_samples_per_s"])
+    ratios = [r["ratio_per_core"] for r in data["rounds"]]
+    assert data["ratio_per_core"] == {"median": pytest.approx(sum(ratios) / 2), "min": min(ratios), "max": max(ratios)}
+    assert data["setup"]["sizes"] == [[64, 64], [64, 96], [96, 64]] and data["setup"]["bucket_base"] == 64
+    assert len(data["profile_one_process"]) == 3
+    assert not any(work.iterdir())  # the generated shards are removed
+
+
+def test_bench_data_rejects_bad_sizes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", "data", "--side", "100",
+                             "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--side must be a multiple of 16" in result.stderr

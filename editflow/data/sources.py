@@ -182,6 +182,7 @@ def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
         if not hasattr(spec[name], "get") or not spec[name].get("path"):
             raise ConfigError(f"data.train.{name}: expected {{path: DIR or [DIRS], weight: W}}, got {spec[name]!r}")
     named = set_names(cfg)
+    urls = [resolve_urls(spec[name].path, f"data.train.{name}.path") for name, _ in named]  # checks each set
     weights = mixture(named, [set_size(spec[name].path) for name, _ in named])
-    return [ShardSet(name, resolve_urls(spec[name].path, f"data.train.{name}.path"), weight,
-                     encoding=recorded_encoding(spec[name].path)) for (name, _), weight in zip(named, weights)]
+    return [ShardSet(name, set_urls, weight, encoding=recorded_encoding(spec[name].path))
+            for (name, _), set_urls, weight in zip(named, urls, weights)]

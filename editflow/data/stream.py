@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
-from editflow.data.loader import SHARD_ERRORS, image_tensor, iter_tar
-from editflow.data.samples import SampleError, decode_sample, reject_duplicate
+from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, pixel_batch
+from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
 from editflow.data.skips import SkipCounter
 from editflow.errors import ConfigError, DataError, EditflowError
 
@@ -69,23 +69,36 @@ def bucket_of(raw: dict, base: int, square_only: bool = False) -> tuple[int, int
         return (0, 0, False)
 
 
+def fit_sizes(bucket: tuple[int, int], source_pixels: int | None = None) -> dict[str, tuple[int, int]]:
+    """(width, height) each role's image is fitted to: the target to the bucket, the source to the bucket
+    scaled to `source_pixels` when set. Also the decode hint of `decode_sample(raw, draft=...)`."""
+    return {"tgt": bucket, "src": scaled_bucket(bucket, source_pixels) if source_pixels else bucket}
+
+
+def decode_in_bucket(raw: dict, bucket: tuple, source_pixels: int | None = None) -> EditSample:
+    """`decode_sample`, with JPEGs much larger than the sizes they are fitted to decoded at a reduced scale
+    (an image whose bucket the json does not tell, (0, 0), is decoded whole)."""
+    return decode_sample(raw, fit_sizes(bucket[:2], source_pixels) if all(bucket[:2]) else None)
+
+
 def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | None = None,
                    square_only: bool = False) -> dict:
     """Decoded samples of one bucket -> a batch: images fitted to the bucket (the source to its scaled
-    bucket when `source_pixels` is set), as tensors in [-1, 1] and, for Qwen, as PIL images."""
-    source_bucket = scaled_bucket(bucket, source_pixels) if source_pixels else bucket
+    bucket when `source_pixels` is set), as uint8 (B, 3, H, W) pixel batches (`FrozenEncoder.latents`
+    normalises them on the device) and, for Qwen, the same source pixels as PIL images."""
+    sizes = fit_sizes(bucket, source_pixels)
     fit = resize_to_bucket
     if square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
         fit = lambda image, size: image if image.size == size else image.resize(size, Image.BICUBIC)
-    targets = [fit(s.target, bucket) for s in samples]
-    sources = [fit(s.source, source_bucket) if s.source is not None else None for s in samples]
-    has_source = all(s is not None for s in sources)
+    targets = [fit(s.target, sizes["tgt"]) for s in samples]
+    sources = [fit(s.source, sizes["src"]) if s.source is not None else None for s in samples]
+    source = pixel_batch(sources) if all(s is not None for s in sources) else None
     return {
         "key": [s.key for s in samples],
         "instruction": [s.instruction for s in samples],
-        "target": torch.stack([image_tensor(t) for t in targets]),
-        "source": torch.stack([image_tensor(s) for s in sources]) if has_source else None,
-        "source_images": sources if has_source else [None] * len(samples),
+        "target": pixel_batch(targets),
+        "source": source,
+        "source_images": PixelImages(source, sources) if source is not None else [None] * len(samples),
         "text_to_image": [s is None for s in sources],
     }
 
@@ -198,12 +211,12 @@ class BucketStream(IterableDataset):
                 yield pending.pop(key)
 
     # -- decoding ----------------------------------------------------------------------------
-    def _decode(self, raws: list[dict]) -> list:
+    def _decode(self, raws: list[dict], bucket: tuple) -> list:
         samples = []
         for raw in raws:
             self.skips.seen += 1
             try:
-                samples.append(self._decode_one(refetch(raw) if raw.get("__partial__") else raw))
+                samples.append(self._decode_one(refetch(raw) if raw.get("__partial__") else raw, bucket))
             except SampleError as err:
                 self.skips.skip(err.reason, str(err))
             except SHARD_ERRORS as err:  # the shard was damaged after the fast-forward read its json
@@ -211,9 +224,9 @@ class BucketStream(IterableDataset):
                                                     f"read ({type(err).__name__}: {err})")
         return samples
 
-    def _decode_one(self, raw: dict):
+    def _decode_one(self, raw: dict, bucket: tuple):
         reject_duplicate(raw)
-        return decode_encoded(raw) if self.encoded else decode_sample(raw)
+        return decode_encoded(raw) if self.encoded else decode_in_bucket(raw, bucket, self.source_pixels)
 
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
         if self.encoded:
@@ -233,9 +246,10 @@ class BucketStream(IterableDataset):
             next(batches)
         self._fast_forward = False
         for raws in batches:
-            samples = self._decode(raws)
+            bucket = bucket_of(raws[0], self.bucket_base, self.square_only)
+            samples = self._decode(raws, bucket)
             if samples:
-                yield self.collate(samples, bucket_of(raws[0], self.bucket_base, self.square_only))
+                yield self.collate(samples, bucket)
 
 
 class ResumableLoader:

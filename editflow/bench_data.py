@@ -1,0 +1,387 @@
+"""`editflow bench data`: the training data loader against a bare PIL decode loop over the same files, and the
+pre-encoded shard reader, in one run on data the bench writes itself.
+
+    editflow bench data                                 # 1024-px JPEG pairs, the 8xA100 preset's loader settings
+    editflow bench data data.bucket_base=512            # LoRA at 512^2 from 1024-px data
+    editflow bench data data.num_workers=2 --rounds 7 --out bench/results/data.json
+
+The data: JPEG pairs (quality 95, as `editflow data convert` re-encodes) of 1024x1024, 1536x1024 and
+1024x1536 (GPT-Image-Edit-1.5M's sizes), photo-like content, written with the project's shard writer; and the
+same samples pre-encoded (random latents and Qwen states of the configured model's shapes and dtype, with the
+dropout outcomes its objective draws). Both live in a temporary directory removed at the end.
+
+Timed, in rounds whose order rotates so that the machine's other load falls on all alike:
+- loader: the training loader (BucketStream + ResumableLoader: read, decode, validate, bucket, fit, batch,
+  hand over; the source images Qwen reads made on the training side) with the config's workers and batch
+  size; start-up (workers forking, the shuffle buffer filling, the batches prefetched meanwhile) is reported
+  apart, the rate is the steady state after it;
+- loader_one_process: the same with no worker process (the training loop's own thread);
+- decode: a bare loop reading the same shards with tarfile and decoding both JPEGs of each pair with PIL;
+- encoded: the training loader over the pre-encoded shards.
+A sample is one pair. Per core means per CPU-second: user + system time of the process and its workers over
+the timed stretch, which other load on a shared machine changes far less than it changes wall-clock rates.
+The figure of merit is `ratio_per_core`, the loader's pairs per CPU-second over the bare loop's (target
+>= 0.8); `ratio_per_core_wall` is the wall-clock version (the loader's rate over the cores its workers can
+use, against the bare loop on one core), meaningful on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+
+SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))  # GPT-Image-Edit-1.5M's sizes, scaled by --side / 1024
+JPEG_QUALITY = 95  # what `editflow data convert` re-encodes JPEGs at
+LATENT_CHANNELS, VAE_FACTOR = 16, 8  # the FLUX VAE
+QWEN_PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: one merged token per 28x28 pixels
+INSTRUCTION_TOKENS = 32  # chat template tail + a typical instruction
+TARGET_RATIO = 0.8
+RESULTS = Path("bench") / "results"
+
+
+# ------------------------------------------------------------------------------------------ data
+def _photo_like(rng: np.random.Generator, size: tuple[int, int], grain: np.ndarray) -> Image.Image:
+    """Smooth colour fields plus film grain: compresses and decodes like a photograph (pure noise decodes
+    slower, flat colour faster)."""
+    w, h = size
+    field = rng.integers(0, 256, (max(1, h // 32), max(1, w // 32), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(field).resize(size, Image.BICUBIC), dtype=np.int16)
+    y, x = rng.integers(0, grain.shape[0] - h + 1), rng.integers(0, grain.shape[1] - w + 1)
+    return Image.fromarray((smooth + grain[y:y + h, x:x + w]).clip(0, 255).astype(np.uint8))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _pair_sizes(pairs: int, side: int) -> list[tuple[int, int]]:
+    return [(w * side // 1024, h * side // 1024) for w, h in (SIZES[i % len(SIZES)] for i in range(pairs))]
+
+
+def _write_shards(directory: Path, samples, per_shard: int) -> list[str]:
+    from editflow.data.shards import write_manifest, write_shard
+
+    directory.mkdir(parents=True)
+    samples, entries = list(samples), []
+    for start in range(0, len(samples), per_shard):
+        entries.append(write_shard(directory / f"bench-{start // per_shard:06d}.tar", samples[start:start + per_shard]))
+    write_manifest(directory, {"shards": entries, "num_samples": len(samples)})
+    return [str(directory / e["file"]) for e in entries]
+
+
+def write_image_shards(directory: Path, sizes: list[tuple[int, int]], per_shard: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    longest = max(max(s) for s in sizes)
+    grain = rng.normal(0, 6, (longest + 64, longest + 64, 3)).astype(np.int16)
+
+    def sample(i: int, size: tuple[int, int]) -> dict:
+        meta = {"instruction": "Make the sky look like a sunset.", "target_size": list(size),
+                "source_size": list(size), "text_to_image": False}
+        return {"__key__": f"pair-{i:06d}", "src.jpg": _jpeg(_photo_like(rng, size, grain)),
+                "tgt.jpg": _jpeg(_photo_like(rng, size, grain)), "json": json.dumps(meta).encode()}
+
+    return _write_shards(directory, (sample(i, size) for i, size in enumerate(sizes)), per_shard)
+
+
+def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(tokens, width) of each stored Qwen state: the source at Qwen's max_pixels plus the instruction, for
+    the full condition and each dropout outcome the objective draws."""
+    from editflow.bench import _qwen_dim
+    from editflow.data.encoded import drawn_drops
+    from editflow.encoding import states_field
+
+    image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
+    tokens = {None: image_tokens + INSTRUCTION_TOKENS, "text": image_tokens + 8, "image": INSTRUCTION_TOKENS, "both": 8}
+    width = _qwen_dim(cfg.model.qwen.get("pretrained"))
+    return {states_field(d): (tokens[d], width) for d in [None, *drawn_drops(cfg.objective)]}
+
+
+def write_encoded_shards(directory: Path, sizes: list[tuple[int, int]], per_shard: int, cfg, seed: int) -> list[str]:
+    """What `editflow encode` would store for the image shards, with random tensors of the real shapes."""
+    from editflow.data.buckets import nearest_bucket
+    from editflow.data.encoded import encoded_sample
+    from editflow.data.stream import fit_sizes
+    from editflow.models.build import torch_dtype
+
+    d, g = cfg.data, torch.Generator().manual_seed(seed)
+    dtype = torch_dtype(cfg.model.get("frozen_dtype", cfg.model.get("dtype", "float32")))
+    states = encoded_shapes(cfg)
+    latent = lambda wh: torch.randn(LATENT_CHANNELS, wh[1] // VAE_FACTOR, wh[0] // VAE_FACTOR, generator=g).to(dtype)
+
+    def sample(i: int, size: tuple[int, int]) -> dict:
+        bucket = (d.bucket_base,) * 2 if d.get("square_only") else nearest_bucket(*size, d.bucket_base)
+        fitted = fit_sizes(bucket, d.get("source_pixels"))
+        tensors = {"target": latent(fitted["tgt"]), "source": latent(fitted["src"]),
+                   **{field: torch.randn(*shape, generator=g).to(dtype) for field, shape in states.items()}}
+        return encoded_sample(f"pair-{i:06d}", {"instruction": "Make the sky look like a sunset."}, bucket, tensors)
+
+    return _write_shards(directory, (sample(i, size) for i, size in enumerate(sizes)), per_shard)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live children (DataLoader workers) so far."""
+    import psutil  # a dependency of accelerate
+
+    total = time.process_time()  # this process, all threads, at nanosecond resolution
+    for child in psutil.Process().children(recursive=True):  # at the kernel's tick resolution (10 ms)
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:  # a worker that just exited
+            pass
+    return total
+
+
+class Window:
+    """Wall-clock and CPU time of a measured stretch: pairs per second and pairs per CPU-second (per core)."""
+
+    def __enter__(self) -> Window:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+    def rates(self, samples: int) -> dict:
+        return {"rate": samples / self.wall, "per_cpu_s": samples / self.cpu}
+
+
+def decode_rate(urls: list[str], samples: int) -> dict:
+    """The bare loop: tar members read in order, every JPEG decoded by PIL, nothing else."""
+    images = 0
+    with Window() as window:
+        while images < 2 * samples:
+            for url in urls:
+                with tarfile.open(url, mode="r:") as tar:
+                    for member in tar:
+                        if member.name.endswith(".jpg"):
+                            Image.open(io.BytesIO(tar.extractfile(member).read())).load()
+                            images += 1
+                if images >= 2 * samples:
+                    break
+    return window.rates(images // 2)
+
+
+def make_loader(urls: list[str], cfg, workers: int, shuffle_buffer: int, encoded: bool = False):
+    from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
+
+    d = cfg.data
+    stream = BucketStream([ShardSet("bench", urls)], cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
+                          shuffle_buffer=shuffle_buffer, bucket_base=d.bucket_base,
+                          source_pixels=d.get("source_pixels"), max_skip_rate=d.max_skip_rate,
+                          square_only=d.get("square_only", False), encoded=encoded)
+    return ResumableLoader(stream, num_workers=workers)
+
+
+def loader_rate(urls: list[str], cfg, workers: int, shuffle_buffer: int, samples: int, encoded: bool = False) -> dict:
+    """Steady-state pairs per second of a fresh training loader, and its start-up time.
+
+    Start-up ends once the batches the workers could prefetch while starting (2 each) have been taken: after
+    that every batch timed was made while the clock ran."""
+    start = time.perf_counter()
+    loader = make_loader(urls, cfg, workers, shuffle_buffer, encoded)
+    for _ in range(2 * workers + 1):
+        next(loader)
+    startup, count = time.perf_counter() - start, 0
+    with Window() as window:
+        while count < samples:
+            batch = next(loader)
+            count += len(batch["key"])
+            list(batch.get("source_images", ()))  # the PIL images Qwen reads are made on this side
+    del loader  # shuts its workers down
+    gc.collect()
+    return {**window.rates(count), "startup_s": startup}
+
+
+def profile_loader(urls: list[str], cfg, shuffle_buffer: int, samples: int, top: int) -> list[dict]:
+    """Where the one-process loader spends its time: the `top` functions by own time, with their share."""
+    loader = make_loader(urls, cfg, 0, shuffle_buffer)
+    next(loader)
+    profiler = cProfile.Profile()
+    count = 0
+    profiler.enable()
+    while count < samples:
+        batch = next(loader)
+        count += len(batch["key"])
+        list(batch["source_images"])
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    total = sum(s[2] for s in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    where = lambda file, line, name: name if file == "~" else f"{Path(file).name}:{line}({name})"  # noqa: E731
+    return [{"function": where(*key), "calls": s[1], "own_s": round(s[2], 4), "share": round(s[2] / total, 4)}
+            for key, s in rows]
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _commit() -> str | None:
+    """The git commit of the code measured (+ "-dirty" with uncommitted changes), where it is a checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> dict:
+    from editflow.config import compose
+
+    if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
+        overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings
+    commit = _commit()  # before anything runs: the code that is measured
+    cfg = compose(overrides)
+    workers = cfg.data.num_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(max(workers, 1), cpus)
+    shuffle_buffer = min(cfg.data.shuffle_buffer, args.shuffle_buffer)
+    torch.set_num_threads(1)  # the loader's work is PIL's and numpy's; the one-process figure is one thread
+    sizes = _pair_sizes(args.pairs, args.side)
+    with tempfile.TemporaryDirectory(prefix="editflow-bench-data-", dir=args.workdir) as tmp:
+        print(f"[bench] writing {args.pairs} JPEG pairs and their pre-encoded form to {tmp} ...", file=sys.stderr)
+        images = write_image_shards(Path(tmp) / "images", sizes, args.samples_per_shard, args.seed)
+        encoded = write_encoded_shards(Path(tmp) / "encoded", sizes, args.samples_per_shard, cfg, args.seed)
+        pair_bytes = sum(os.path.getsize(u) for u in images) / args.pairs
+        timers = {
+            "loader": lambda: loader_rate(images, cfg, workers, shuffle_buffer, args.samples),
+            "loader_one_process": lambda: loader_rate(images, cfg, 0, shuffle_buffer, args.samples),
+            "decode": lambda: decode_rate(images, args.samples),
+            "encoded": lambda: loader_rate(encoded, cfg, workers, shuffle_buffer, args.samples, encoded=True),
+        }
+        names, rounds = list(timers), []
+        for r in range(args.rounds):
+            measured = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every round
+                measured[name] = timers[name]()
+            row = {f"{n}_samples_per_s": measured[n]["rate"] for n in names}
+            row.update({f"{n}_samples_per_cpu_s": measured[n]["per_cpu_s"] for n in names})
+            row.update({f"{n}_startup_s": m["startup_s"] for n, m in measured.items() if "startup_s" in m})
+            decode = measured["decode"]
+            row["ratio_per_core"] = measured["loader"]["per_cpu_s"] / decode["per_cpu_s"]
+            row["ratio_per_core_wall"] = measured["loader"]["rate"] / cores / decode["rate"]
+            row["ratio_one_process"] = measured["loader_one_process"]["per_cpu_s"] / decode["per_cpu_s"]
+            rounds.append(row)
+            print(f"[bench] round {r + 1}/{args.rounds}: pairs/s (per CPU-second): "
+                  + ", ".join(f"{n.replace('_', ' ')} {measured[n]['rate']:.1f} ({measured[n]['per_cpu_s']:.1f})"
+                              for n in names)
+                  + f"; loader/decode per core {row['ratio_per_core']:.2f}x", file=sys.stderr)
+        profile = profile_loader(images, cfg, shuffle_buffer, args.samples, args.profile) if args.profile else None
+    median = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    result = {
+        "device": f"cpu ({_cpu_model()}, {cpus} cores)",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["editflow bench data", *args.argv]).strip(),
+        "commit": commit,
+        **{f"{n}_samples_per_s": median(f"{n}_samples_per_s") for n in names},
+        "samples_per_cpu_s": {n: median(f"{n}_samples_per_cpu_s") for n in names},
+        "workers": workers, "cpu": cpus, "cores_used": cores,
+        "ratio_per_core": _spread([r["ratio_per_core"] for r in rounds]),
+        "ratio_per_core_wall": _spread([r["ratio_per_core_wall"] for r in rounds]),
+        "ratio_one_process": _spread([r["ratio_one_process"] for r in rounds]),
+        "target_ratio_per_core": TARGET_RATIO,
+        "loader_startup_s": median("loader_startup_s"),
+        "rounds": rounds,
+        "setup": {"pairs": args.pairs, "sizes": sorted(set(sizes)), "jpeg_quality": JPEG_QUALITY,
+                  "bytes_per_pair": round(pair_bytes), "samples_per_round": args.samples, "rounds": args.rounds,
+                  "batch": cfg.trainer.micro_batch_size, "bucket_base": cfg.data.bucket_base,
+                  "source_pixels": cfg.data.get("source_pixels"), "square_only": cfg.data.get("square_only", False),
+                  "shuffle_buffer": shuffle_buffer, "encoded_states": encoded_shapes(cfg),
+                  "encoded_dtype": cfg.model.get("frozen_dtype"), "torch_threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "pillow": PIL.__version__, "overrides": overrides},
+    }
+    if profile is not None:
+        result["profile_one_process"] = profile
+    return result
+
+
+def default_out(result: dict) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
+    return RESULTS / f"{result['date']}-data-{slug}.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="editflow bench data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Hydra overrides (key=value) choose the loader's settings: "
+                                            "data.num_workers, data.bucket_base, data.source_pixels, "
+                                            "trainer.micro_batch_size, model=... (encoded shapes), experiment=...")
+    parser.add_argument("--pairs", type=int, default=96, help="JPEG pairs written (default 96)")
+    parser.add_argument("--side", type=int, default=1024, help="short side of the pairs in pixels (default 1024)")
+    parser.add_argument("--samples", type=int, default=128, help="pairs timed per measurement (default 128)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--shuffle-buffer", type=int, default=16,
+                        help="cap on the loader's shuffle buffer (default 16): the buffer decides the order and the "
+                             "start-up, not the rate, and a full one of 1024-px pairs holds GBs per worker")
+    parser.add_argument("--samples-per-shard", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile the one-process loader and record its top N functions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="where the temporary data goes (default: the system's temp dir)")
+    parser.add_argument("--out", help="result json (default: bench/results/<date>-data-<device>.json)")
+    args, overrides = parser.parse_known_args(argv)
+    args.argv = argv
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides look like key=value)")
+    for name in ("pairs", "side", "samples", "rounds", "samples_per_shard", "shuffle_buffer"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.side % 16:
+        parser.error(f"--side must be a multiple of 16, got {args.side}")
+    result = run(args, overrides)
+    out = Path(args.out) if args.out else default_out(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
+    print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({result['workers']} workers), bare "
+          f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"
+          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one process "
+          f"{result['ratio_one_process']['median']:.2f}x. "
+          f"Wall clock: loader {result['loader_samples_per_s']:.1f} pairs/s, bare decode "
+          f"{result['decode_samples_per_s']:.1f}, pre-encoded reader {result['encoded_samples_per_s']:.1f}. "
+          f"Results: {out}", file=sys.stderr)
+
+if __name__ == "__main__":
+    main()
