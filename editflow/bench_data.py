@@ -3,7 +3,7 @@ pre-encoded shard reader, in one run on data the bench writes itself.
 
     editflow bench data                                 # 1024-px JPEG pairs, the 8xA100 preset's loader settings
     editflow bench data data.bucket_base=512            # LoRA at 512^2 from 1024-px data
-    editflow bench data data.num_workers=2 --rounds 7 --out bench/results/data.json
+    editflow bench data data.num_workers=8 --rounds 7 --out bench/results/data.json   # worker processes
 
 The data: JPEG pairs (quality 95, as `editflow data convert` re-encodes) of 1024x1024, 1536x1024 and
 1024x1536 (GPT-Image-Edit-1.5M's sizes), photo-like content, written with the project's shard writer; and the
@@ -12,17 +12,17 @@ dropout outcomes its objective draws). Both live in a temporary directory remove
 
 Timed, in rounds whose order rotates so that the machine's other load falls on all alike:
 - loader: the training loader (BucketStream + ResumableLoader: read, decode, validate, bucket, fit, batch,
-  hand over; the source images Qwen reads made on the training side) with the config's workers and batch
-  size; start-up (workers forking, the shuffle buffer filling, the batches prefetched meanwhile) is reported
-  apart, the rate is the steady state after it;
-- loader_one_process: the same with no worker process (the training loop's own thread);
+  hand over; the source images Qwen reads made on the training side) with the config's decode threads or
+  worker processes and batch size; start-up (threads or workers starting, the shuffle buffer filling, the
+  batches prefetched meanwhile) is reported apart, the rate is the steady state after it;
+- loader_one_thread: the same in the training loop's own thread alone (no decode thread, no worker);
 - decode: a bare loop reading the same shards with tarfile and decoding both JPEGs of each pair with PIL;
 - encoded: the training loader over the pre-encoded shards.
-A sample is one pair. Per core means per CPU-second: user + system time of the process and its workers over
-the timed stretch, which other load on a shared machine changes far less than it changes wall-clock rates.
-The figure of merit is `ratio_per_core`, the loader's pairs per CPU-second over the bare loop's (target
->= 0.8); `ratio_per_core_wall` is the wall-clock version (the loader's rate over the cores its workers can
-use, against the bare loop on one core), meaningful on an idle machine.
+A sample is one pair. Per core means per CPU-second: user + system time of the process (all its threads)
+and its workers over the timed stretch, which other load on a shared machine changes far less than it
+changes wall-clock rates. The figure of merit is `ratio_per_core`, the loader's pairs per CPU-second over
+the bare loop's (target >= 0.8); `ratio_per_core_wall` is the wall-clock version (the loader's rate over the
+cores its threads or workers can use, against the bare loop on one core), meaningful on an idle machine.
 """
 
 from __future__ import annotations
@@ -184,25 +184,36 @@ def decode_rate(urls: list[str], samples: int) -> dict:
     return window.rates(images // 2)
 
 
-def make_loader(urls: list[str], cfg, workers: int, shuffle_buffer: int, encoded: bool = False):
+def make_loader(urls: list[str], cfg, shuffle_buffer: int, encoded: bool = False, serial: bool = False):
+    """The training loader as the trainer builds it from `cfg.data`; `serial`: with no thread or worker."""
     from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
 
     d = cfg.data
     stream = BucketStream([ShardSet("bench", urls)], cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
                           shuffle_buffer=shuffle_buffer, bucket_base=d.bucket_base,
                           source_pixels=d.get("source_pixels"), max_skip_rate=d.max_skip_rate,
-                          square_only=d.get("square_only", False), encoded=encoded)
-    return ResumableLoader(stream, num_workers=workers)
+                          square_only=d.get("square_only", False), encoded=encoded,
+                          decode_threads=0 if serial else d.get("decode_threads", 0))
+    return ResumableLoader(stream, num_workers=0 if serial else d.num_workers)
 
 
-def loader_rate(urls: list[str], cfg, workers: int, shuffle_buffer: int, samples: int, encoded: bool = False) -> dict:
+def parallelism(cfg) -> int:
+    """How many batches the configured loader makes at once: its workers, or else its decode threads (at most
+    one per usable CPU, as the stream runs them)."""
+    from editflow.data.loader import usable_cpus
+
+    return cfg.data.num_workers or min(cfg.data.get("decode_threads", 0), usable_cpus()) or 1
+
+
+def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded: bool = False,
+                serial: bool = False) -> dict:
     """Steady-state pairs per second of a fresh training loader, and its start-up time.
 
-    Start-up ends once the batches the workers could prefetch while starting (2 each) have been taken: after
-    that every batch timed was made while the clock ran."""
+    Start-up ends once the batches the threads or workers could prefetch while starting (2 each) have been
+    taken: after that every batch timed was made while the clock ran."""
     start = time.perf_counter()
-    loader = make_loader(urls, cfg, workers, shuffle_buffer, encoded)
-    for _ in range(2 * workers + 1):
+    loader = make_loader(urls, cfg, shuffle_buffer, encoded, serial)
+    for _ in range(1 if serial else 2 * parallelism(cfg) + 1):
         next(loader)
     startup, count = time.perf_counter() - start, 0
     with Window() as window:
@@ -210,14 +221,14 @@ def loader_rate(urls: list[str], cfg, workers: int, shuffle_buffer: int, samples
             batch = next(loader)
             count += len(batch["key"])
             list(batch.get("source_images", ()))  # the PIL images Qwen reads are made on this side
-    del loader  # shuts its workers down
+    del loader  # shuts its threads or workers down
     gc.collect()
     return {**window.rates(count), "startup_s": startup}
 
 
 def profile_loader(urls: list[str], cfg, shuffle_buffer: int, samples: int, top: int) -> list[dict]:
-    """Where the one-process loader spends its time: the `top` functions by own time, with their share."""
-    loader = make_loader(urls, cfg, 0, shuffle_buffer)
+    """Where the one-thread loader spends its time: the `top` functions by own time, with their share."""
+    loader = make_loader(urls, cfg, shuffle_buffer, serial=True)
     next(loader)
     profiler = cProfile.Profile()
     count = 0
@@ -266,16 +277,17 @@ def _cpu_model() -> str:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     from editflow.config import compose
+    from editflow.data.loader import usable_cpus
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings
     commit = _commit()  # before anything runs: the code that is measured
     cfg = compose(overrides)
-    workers = cfg.data.num_workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = min(max(workers, 1), cpus)
+    workers, threads = cfg.data.num_workers, cfg.data.get("decode_threads", 0)
+    cpus = usable_cpus()
+    cores = min(parallelism(cfg), cpus)
     shuffle_buffer = min(cfg.data.shuffle_buffer, args.shuffle_buffer)
-    torch.set_num_threads(1)  # the loader's work is PIL's and numpy's; the one-process figure is one thread
+    torch.set_num_threads(1)  # the loader's work is PIL's and numpy's; the one-thread figure is one thread
     sizes = _pair_sizes(args.pairs, args.side)
     with tempfile.TemporaryDirectory(prefix="editflow-bench-data-", dir=args.workdir) as tmp:
         print(f"[bench] writing {args.pairs} JPEG pairs and their pre-encoded form to {tmp} ...", file=sys.stderr)
@@ -283,10 +295,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         encoded = write_encoded_shards(Path(tmp) / "encoded", sizes, args.samples_per_shard, cfg, args.seed)
         pair_bytes = sum(os.path.getsize(u) for u in images) / args.pairs
         timers = {
-            "loader": lambda: loader_rate(images, cfg, workers, shuffle_buffer, args.samples),
-            "loader_one_process": lambda: loader_rate(images, cfg, 0, shuffle_buffer, args.samples),
+            "loader": lambda: loader_rate(images, cfg, shuffle_buffer, args.samples),
+            "loader_one_thread": lambda: loader_rate(images, cfg, shuffle_buffer, args.samples, serial=True),
             "decode": lambda: decode_rate(images, args.samples),
-            "encoded": lambda: loader_rate(encoded, cfg, workers, shuffle_buffer, args.samples, encoded=True),
+            "encoded": lambda: loader_rate(encoded, cfg, shuffle_buffer, args.samples, encoded=True),
         }
         names, rounds = list(timers), []
         for r in range(args.rounds):
@@ -299,7 +311,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
             decode = measured["decode"]
             row["ratio_per_core"] = measured["loader"]["per_cpu_s"] / decode["per_cpu_s"]
             row["ratio_per_core_wall"] = measured["loader"]["rate"] / cores / decode["rate"]
-            row["ratio_one_process"] = measured["loader_one_process"]["per_cpu_s"] / decode["per_cpu_s"]
+            row["ratio_one_thread"] = measured["loader_one_thread"]["per_cpu_s"] / decode["per_cpu_s"]
             rounds.append(row)
             print(f"[bench] round {r + 1}/{args.rounds}: pairs/s (per CPU-second): "
                   + ", ".join(f"{n.replace('_', ' ')} {measured[n]['rate']:.1f} ({measured[n]['per_cpu_s']:.1f})"
@@ -314,10 +326,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         "commit": commit,
         **{f"{n}_samples_per_s": median(f"{n}_samples_per_s") for n in names},
         "samples_per_cpu_s": {n: median(f"{n}_samples_per_cpu_s") for n in names},
-        "workers": workers, "cpu": cpus, "cores_used": cores,
+        "workers": workers, "decode_threads": 0 if workers else threads, "cpu": cpus, "cores_used": cores,
         "ratio_per_core": _spread([r["ratio_per_core"] for r in rounds]),
         "ratio_per_core_wall": _spread([r["ratio_per_core_wall"] for r in rounds]),
-        "ratio_one_process": _spread([r["ratio_one_process"] for r in rounds]),
+        "ratio_one_thread": _spread([r["ratio_one_thread"] for r in rounds]),
         "target_ratio_per_core": TARGET_RATIO,
         "loader_startup_s": median("loader_startup_s"),
         "rounds": rounds,
@@ -330,7 +342,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
                   "torch": torch.__version__, "pillow": PIL.__version__, "overrides": overrides},
     }
     if profile is not None:
-        result["profile_one_process"] = profile
+        result["profile_one_thread"] = profile
     return result
 
 
@@ -344,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="editflow bench data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Hydra overrides (key=value) choose the loader's settings: "
-                                            "data.num_workers, data.bucket_base, data.source_pixels, "
+                                            "data.decode_threads, data.num_workers, data.bucket_base, "
+                                            "data.source_pixels, "
                                             "trainer.micro_batch_size, model=... (encoded shapes), experiment=...")
     parser.add_argument("--pairs", type=int, default=96, help="JPEG pairs written (default 96)")
     parser.add_argument("--side", type=int, default=1024, help="short side of the pairs in pixels (default 1024)")
@@ -355,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
                              "start-up, not the rate, and a full one of 1024-px pairs holds GBs per worker")
     parser.add_argument("--samples-per-shard", type=int, default=8)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also profile the one-process loader and record its top N functions")
+                        help="also profile the one-thread loader and record its top N functions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the temporary data goes (default: the system's temp dir)")
     parser.add_argument("--out", help="result json (default: bench/results/<date>-data-<device>.json)")
@@ -375,10 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
-    print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({result['workers']} workers), bare "
+    how = f"{result['workers']} workers" if result["workers"] else f"{result['decode_threads']} decode threads"
+    print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({how}), bare "
           f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"
-          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one process "
-          f"{result['ratio_one_process']['median']:.2f}x. "
+          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one thread "
+          f"{result['ratio_one_thread']['median']:.2f}x. "
           f"Wall clock: loader {result['loader_samples_per_s']:.1f} pairs/s, bare decode "
           f"{result['decode_samples_per_s']:.1f}, pre-encoded reader {result['encoded_samples_per_s']:.1f}. "
           f"Results: {out}", file=sys.stderr)

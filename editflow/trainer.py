@@ -183,6 +183,7 @@ class Trainer:
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
             max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False), encoded=pre_encoded,
             text_key=TextBucketKey(text_multiple, length, dcfg.get("source_pixels")) if text_multiple > 1 else None,
+            decode_threads=dcfg.get("decode_threads", 0),
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()

@@ -58,6 +58,9 @@ def validate(cfg: DictConfig) -> None:
              "{name: {path: DIR, weight: W}}")
     _require(d.bucket_base % 16 == 0, "data.bucket_base", f"must be a multiple of 16, got {d.bucket_base}")
     _require(0 <= d.max_skip_rate < 1, "data.max_skip_rate", f"must be in [0, 1), got {d.max_skip_rate}")
+    for key in ("num_workers", "decode_threads"):
+        _require(isinstance(d.get(key, 0), int) and d.get(key, 0) >= 0, f"data.{key}",
+                 f"must be a non-negative integer, got {d.get(key)!r}")
     m = cfg.model
     for key in ("dtype", "frozen_dtype"):
         _require(m.get(key, "float32") in DTYPES, f"model.{key}", f"expected one of {sorted(DTYPES)}")

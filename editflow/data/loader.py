@@ -1,9 +1,14 @@
-"""Small helpers shared by the data paths: image tensors and in-order reading of shards."""
+"""Small helpers shared by the data paths: image tensors, in-order reading of shards, and decoding in threads
+with the results kept in order."""
 
 from __future__ import annotations
 
+import os
 import tarfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +17,9 @@ from PIL import Image
 from editflow.data.images import to_rgb
 from editflow.data.samples import EditSample, decode_sample
 from editflow.errors import DataError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # What reading a damaged, truncated or vanished shard raises (zlib/gzip errors are OSError or EOFError).
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
@@ -24,10 +32,29 @@ def pixel_batch(images: list[Image.Image]) -> torch.Tensor:
     is left to the device the batch is going to, where it is cheap and the batch 4x smaller on the way."""
     width, height = images[0].size
     batch = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
-    array = batch.numpy()
+    array = batch.numpy().reshape(len(images), -1)
     for i, image in enumerate(images):
-        array[i] = np.asarray(to_rgb(image))
+        _copy_rgb(to_rgb(image), array[i])
     return batch.permute(0, 3, 1, 2)
+
+
+def _copy_rgb(image: Image.Image, out: np.ndarray) -> None:
+    """An RGB image's pixels into `out` (flat uint8, H*W*3), packed by PIL's raw encoder piece by piece.
+
+    `np.asarray(image)` costs a third more for 1024-px images: `tobytes` packs into pieces, joins them into a
+    new bytes object and numpy copies that again, each a fresh allocation of the whole image (measured 0.78
+    against 0.59 ms per 1-megapixel image). `Image._getencoder` is what `tobytes` itself calls."""
+    encoder = Image._getencoder("RGB", "raw", "RGB")
+    encoder.setimage(image.im, (0, 0, *image.size))
+    piece, done = max(1 << 18, image.width * 4), 0  # whole rows per piece, as `tobytes` asks for
+    while True:
+        _, status, data = encoder.encode(piece)
+        out[done:done + len(data)] = np.frombuffer(data, np.uint8)
+        done += len(data)
+        if status:
+            break
+    if status < 0 or done != out.size:
+        raise ValueError(f"raw encoder error {status} after {done} of {out.size} bytes of a {image.size} image")
 
 
 def unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -97,6 +124,40 @@ def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
                                     "damaged there")
         if current is not None:
             yield current
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
+    """`map(fn, items)` with `fn` run in `threads` threads, at most `ahead` items beyond the one last yielded.
+
+    The results come in the order of `items`, whichever thread finishes first, and `items` is only ever
+    advanced in the caller's thread (it need not be thread-safe). An exception raised by `items` comes after
+    the results of the items before it, as it would from `map`; one raised by `fn` comes with its item's
+    result. (`Executor.map` before Python 3.14 reads all of `items` first, so it cannot take an endless
+    stream.) Closing the generator cancels what has not started and waits for what has."""
+    source, failure, exhausted = iter(items), None, False
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="editflow-decode")
+    try:
+        while True:
+            while not exhausted and len(pending) < max(ahead, 1):
+                try:
+                    pending.append(pool.submit(fn, next(source)))
+                except StopIteration:
+                    exhausted = True
+                except Exception as err:  # noqa: BLE001 - re-raised below, after the results read before it
+                    exhausted, failure = True, err
+            if not pending:
+                break
+            yield pending.popleft().result()
+        if failure is not None:
+            raise failure
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_samples(urls: list[str], limit: int | None = None) -> list[EditSample]:

@@ -3,9 +3,15 @@
 Determinism is the design: the sequence of batches a rank sees is a pure
 function of (seed, rank, world size, shard lists, weights). Per epoch a set's
 shards are shuffled with (seed, epoch) and dealt to ranks without overlap;
-within a rank, DataLoader workers split the rank's shards again. Samples pass a
-seeded shuffle buffer, are grouped by aspect bucket, and a batch is emitted
-when a bucket fills, so all samples of a batch share (H, W).
+within a rank, DataLoader workers (if any) split the rank's shards again.
+Samples pass a seeded shuffle buffer, are grouped by aspect bucket, and a batch
+is emitted when a bucket fills, so all samples of a batch share (H, W).
+
+Reading, shuffling and bucketing run in one thread, in order; decoding and
+collating a batch, the expensive part, is a pure function of its raw samples,
+so threads may run it for several batches at once (`decode_threads`) while
+the results are still taken, and their skips counted, in stream order: the
+number of threads changes the speed, never the batches.
 
 The position is the number of batches yielded. Restoring it replays the stream
 from the start while reading only tar headers and the small `.json` members
@@ -21,6 +27,7 @@ full pass yields no sample at all.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,10 +38,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
-from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, pixel_batch
+from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
 from editflow.data.skips import SkipCounter
 from editflow.errors import ConfigError, DataError, EditflowError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,8 +112,23 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
     }
 
 
+# What a sample read from the stream came to: None (usable) or the (reason, message) it was skipped for.
+Outcome = tuple[str, str] | None
+
+
 class BucketStream(IterableDataset):
-    """Endless bucketed batches of decoded samples for this rank (and DataLoader worker)."""
+    """Endless bucketed batches of decoded samples for this rank (and DataLoader worker).
+
+    `decode_threads` > 0 decodes that many batches at once in threads of the process that iterates the
+    stream, when that is the training process (in a DataLoader worker, the workers are the parallelism).
+    Why threads and not worker processes, measured with `editflow bench data` on 1024-px JPEG pairs: PIL
+    releases the GIL while it decodes and resizes, so threads decode in parallel, and a batch made in a
+    thread is already where training needs it. A worker process has to hand its batch over: torch puts
+    it into newly allocated shared memory (~6 ms of kernel time per pair of 8.4 MB of pixels, the page
+    faults of fresh shared memory) and the training process maps it (~2 ms) and makes Qwen's PIL images
+    from the pixels again (~4 ms), against ~12.5 ms to decode the pair: 8 workers reached 0.43x the pairs
+    per CPU-second of a bare decode loop, threads 0.8x and more (README, Performance). Worker processes
+    still pay off where the per-sample work is Python that holds the GIL (e.g. heavy augmentation)."""
 
     def __init__(
         self,
@@ -121,6 +145,7 @@ class BucketStream(IterableDataset):
         square_only: bool = False,
         encoded: bool = False,
         text_key: Callable[[dict, tuple[int, int, bool]], int] | None = None,
+        decode_threads: int = 0,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -133,9 +158,11 @@ class BucketStream(IterableDataset):
         # a second grouping key from (raw sample, bucket): the text bucket (encoding.TextBucketKey), so that
         # batches need no attention mask
         self.text_key = text_key
+        self.decode_threads = decode_threads
         self.skip_batches = 0  # set by the loader when resuming
         self.skips = SkipCounter(max_skip_rate, min_seen_for_skip_rate)
         self._fast_forward = False  # while true, shards are read for their json only
+        self._read_skips: list[Outcome] = []  # shards found damaged while reading the next batch, not yet counted
 
     def _shard(self, url: str) -> Iterator[dict]:
         """The samples of one shard; a shard that cannot be read to the end is counted as one skip and the
@@ -145,9 +172,8 @@ class BucketStream(IterableDataset):
         except SHARD_ERRORS as err:
             if self._fast_forward:  # counted when it was first read, before the resume
                 return
-            self.skips.seen += 1
-            self.skips.skip("unreadable_shard", f"shard {url} cannot be read to the end ({type(err).__name__}: "
-                                                f"{err}); its remaining samples are skipped")
+            self._read_skips.append(("unreadable_shard", f"shard {url} cannot be read to the end "
+                                     f"({type(err).__name__}: {err}); its remaining samples are skipped"))
 
     # -- which shards this rank/worker reads -------------------------------------------------
     def _my_shards(self, shard_set: ShardSet, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -210,19 +236,36 @@ class BucketStream(IterableDataset):
             if len(group) == self.batch_size:
                 yield pending.pop(key)
 
+    def _groups(self, batches: Iterator[list[dict]]) -> Iterator[tuple[list[dict], list[Outcome]]]:
+        """The raw batches, each with the damaged shards met while reading it (counted before its samples)."""
+        for raws in batches:
+            read, self._read_skips = self._read_skips, []
+            yield raws, read
+
     # -- decoding ----------------------------------------------------------------------------
-    def _decode(self, raws: list[dict], bucket: tuple) -> list:
+    def _make(self, group: tuple[list[dict], list[Outcome]]) -> tuple[dict | None, list[Outcome]]:
+        """One raw batch -> (its batch of the samples that decode, or None if none does; the outcome of every
+        sample read). Reads no state that changes while the stream runs, so threads can run it at once."""
+        raws, outcomes = group[0], list(group[1])
+        bucket = bucket_of(raws[0], self.bucket_base, self.square_only)
         samples = []
         for raw in raws:
-            self.skips.seen += 1
             try:
                 samples.append(self._decode_one(refetch(raw) if raw.get("__partial__") else raw, bucket))
+                outcomes.append(None)
             except SampleError as err:
-                self.skips.skip(err.reason, str(err))
+                outcomes.append((err.reason, str(err)))
             except SHARD_ERRORS as err:  # the shard was damaged after the fast-forward read its json
-                self.skips.skip("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be "
-                                                    f"read ({type(err).__name__}: {err})")
-        return samples
+                outcomes.append(("unreadable_shard", f"shard {raw['__url__']}, key {raw['__key__']}: cannot be "
+                                                     f"read ({type(err).__name__}: {err})"))
+        return (self.collate(samples, bucket) if samples else None), outcomes
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        """Counts samples and skips in stream order (past data.max_skip_rate, `skip` raises DataError)."""
+        for skipped in outcomes:
+            self.skips.seen += 1
+            if skipped is not None:
+                self.skips.skip(*skipped)
 
     def _decode_one(self, raw: dict, bucket: tuple):
         reject_duplicate(raw)
@@ -230,10 +273,8 @@ class BucketStream(IterableDataset):
 
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
         if self.encoded:
-            batch = collate_encoded(samples)
-        else:
-            batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
-        return {**batch, "skipped": dict(self.skips.counts)}
+            return collate_encoded(samples)
+        return collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -245,18 +286,32 @@ class BucketStream(IterableDataset):
         for _ in range(skip):
             next(batches)
         self._fast_forward = False
-        for raws in batches:
-            bucket = bucket_of(raws[0], self.bucket_base, self.square_only)
-            samples = self._decode(raws, bucket)
-            if samples:
-                yield self.collate(samples, bucket)
+        groups = self._groups(batches)
+        # more threads than CPUs only add switching and batches in flight (bench: 8 threads on 2 cores cost
+        # ~20 % more CPU time per pair than 2)
+        threads = min(self.decode_threads, usable_cpus()) if info is None else 0
+        # 2 batches per thread (one being made, one ready), as the DataLoader's prefetch_factor=2 per worker
+        made = ordered_map(self._make, groups, threads, ahead=2 * threads) if threads else map(self._make, groups)
+        for batch, outcomes in made:
+            self._count(outcomes)
+            if batch is not None:
+                yield {**batch, "skipped": dict(self.skips.counts)}
 
 
 class ResumableLoader:
-    """A DataLoader over a BucketStream whose position (`state_dict`) is part of the checkpoint."""
+    """A DataLoader over a BucketStream whose position (`state_dict`) is part of the checkpoint.
+
+    `num_workers` > 0 makes the batches in DataLoader worker processes, each decoding one batch at a time
+    (the stream's `decode_threads` is then not used); 0 makes them in this process, with the stream's
+    decode threads. The worker count shapes the order of the batches, the thread count does not."""
 
     def __init__(self, stream: BucketStream, num_workers: int = 0):
         self.stream, self.num_workers = stream, num_workers
+        if num_workers and stream.decode_threads:
+            log.warning("data.num_workers=%d: batches are made in worker processes and data.decode_threads=%d is "
+                        "not used; for decoding images, data.num_workers=0 (threads in the training process) "
+                        "costs about half the CPU time per sample (README, Performance)", num_workers,
+                        stream.decode_threads)
         self.batches_yielded = 0
         self._iterator = None
 
@@ -300,8 +355,9 @@ class ResumableLoader:
             )
         for field in ("seed", "num_workers", "sets"):
             if state[field] != mine[field]:
+                again = f"set data.num_workers={state[field]} to continue it, or " if field == "num_workers" else ""
                 raise ConfigError(f"trainer.resume_data: the checkpoint's data stream differs in {field}: saved "
-                                  f"{state[field]}, now {mine[field]}; set trainer.resume_data=false to start a "
-                                  "fresh data order")
+                                  f"{state[field]}, now {mine[field]}; {again}set trainer.resume_data=false to "
+                                  "start a fresh data order")
         self.batches_yielded = state["batches_yielded"]
         self._iterator = None
