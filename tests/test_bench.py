@@ -32,19 +32,23 @@ def test_bench_rejects_a_bad_resolution(tmp_path):
     assert result.returncode == 2 and "--resolution must be a multiple of 16" in result.stderr
 
 
-def test_bench_data_writes_the_result_schema(tmp_path):
+@pytest.mark.parametrize("loader", [["data.decode_threads=1"], ["data.num_workers=1"]], ids=["threads", "workers"])
+def test_bench_data_writes_the_result_schema(tmp_path, loader):
     out = tmp_path / "data.json"
     work = tmp_path / "work"
     work.mkdir()
     result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", "data", "--pairs", "6", "--side", "64",
                              "--samples", "4", "--rounds", "2", "--profile", "3", "--workdir", str(work), "model=tiny",
-                             "data.bucket_base=64", "data.num_workers=1", "--out", str(out)],
+                             "data.bucket_base=64", *loader, "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["command"].startswith("editflow bench data --pairs 6") and data["device"].startswith("cpu")
-    assert data["workers"] == 1 and data["cpu"] >= 1 and data["cores_used"] == 1
-    names = ("loader", "loader_one_process", "decode", "encoded")
+    threads = loader[0].startswith("data.decode_threads")
+    assert (data["workers"], data["decode_threads"]) == ((0, 1) if threads else (1, 0))
+    assert data["cpu"] >= 1 and data["cores_used"] == 1
+    assert ("(1 decode threads)" if threads else "(1 worker processes)") in result.stderr
+    names = ("loader", "loader_one_thread", "decode", "encoded")
     assert all(data[f"{n}_samples_per_s"] > 0 and data["samples_per_cpu_s"][n] > 0 for n in names)
     assert len(data["rounds"]) == 2
     for row in data["rounds"]:  # the ratios are those of one round's measurements, not of different runs
@@ -53,7 +57,7 @@ def test_bench_data_writes_the_result_schema(tmp_path):
     ratios = [r["ratio_per_core"] for r in data["rounds"]]
     assert data["ratio_per_core"] == {"median": pytest.approx(sum(ratios) / 2), "min": min(ratios), "max": max(ratios)}
     assert data["setup"]["sizes"] == [[64, 64], [64, 96], [96, 64]] and data["setup"]["bucket_base"] == 64
-    assert len(data["profile_one_process"]) == 3
+    assert len(data["profile_one_thread"]) == 3
     assert not any(work.iterdir())  # the generated shards are removed
 
 

@@ -1,6 +1,6 @@
 """The training loader's tensors: uint8 batches normalised on the device give exactly the pixels the float
-path gave, Qwen gets the same images (also across a DataLoader worker), and JPEG draft decoding is used
-only where the image is far larger than its bucket."""
+path gave, Qwen gets the same images (also from decode threads and across a DataLoader worker), and JPEG
+draft decoding is used only where the image is far larger than its bucket."""
 
 import io
 import itertools
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from editflow.data.buckets import resize_to_bucket
+from editflow.data.images import to_rgb
 from editflow.data.loader import PixelImages, image_tensor, pixel_batch, unit_range
 from editflow.data.samples import decode_sample
 from editflow.data.shards import write_shard
@@ -86,15 +87,29 @@ def test_image_tensor_keeps_its_values():
     assert torch.equal(image_tensor(image.convert("L")), float_path(image.convert("L")))
 
 
-def test_batches_from_a_worker_equal_those_made_in_process(tmp_path):
+def test_pixel_batch_of_images_packed_in_several_pieces_equals_numpy():
+    # 517 x 301 x 3 bytes: more than one piece of PIL's raw encoder, and rows of an odd length
+    images = [photo((517, 301), 8), photo((517, 301), 9, "RGBA"), photo((517, 301), 10, "P")]
+    batch = pixel_batch(images)
+    assert batch.shape == (3, 3, 301, 517) and batch.dtype == torch.uint8
+    for pixels, image in zip(batch, images):
+        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), np.asarray(to_rgb(image)))
+
+
+def test_batches_from_decode_threads_and_a_worker_equal_those_made_in_the_loop(tmp_path):
     samples = [raw_sample(f"k{i}", photo((64, 64), 2 * i), photo((64, 64), 2 * i + 1)) for i in range(6)]
     url = str(tmp_path / "s.tar")
     write_shard(url, [{k: v for k, v in s.items() if k != "__url__"} for s in samples])
 
-    def batches(workers):
-        stream = BucketStream([ShardSet("s", [url])], 3, shuffle_buffer=1, bucket_base=64)
+    def batches(workers, threads=0):
+        stream = BucketStream([ShardSet("s", [url])], 3, shuffle_buffer=1, bucket_base=64, decode_threads=threads)
         return list(itertools.islice(ResumableLoader(stream, num_workers=workers), 2))
 
+    for mine, threaded in zip(batches(0), batches(0, threads=2), strict=True):  # decode threads: the same
+        assert mine["key"] == threaded["key"] and torch.equal(mine["target"], threaded["target"])
+        assert threaded["source_images"].images is not None  # the fitted images themselves, no copy
+        assert all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(mine["source_images"], threaded["source_images"]))
     for mine, theirs in zip(batches(0), batches(1), strict=True):
         assert mine["key"] == theirs["key"]
         assert torch.equal(mine["target"], theirs["target"]) and torch.equal(mine["source"], theirs["source"])

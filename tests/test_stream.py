@@ -1,10 +1,16 @@
 import itertools
 import json
+import logging
 import os
+import random
+import threading
+import time
 
 import pytest
+import torch
 
 from editflow.data.shards import shard_urls, write_shard
+from editflow.data.loader import ordered_map
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
 from editflow.data.toy_shards import toy_sample, write_toy_shards
 from editflow.errors import DataError
@@ -21,10 +27,14 @@ def keys_of(loader, n):
     return [k for batch in itertools.islice(loader, n) for k in batch["key"]]
 
 
-def make(urls, rank=0, world=1, batch=4, seed=0, workers=0, buffer=16, **kw):
+def make(urls, rank=0, world=1, batch=4, seed=0, workers=0, buffer=16, threads=0, **kw):
     stream = BucketStream([ShardSet("toy", urls)], batch, rank=rank, world_size=world, seed=seed,
-                          shuffle_buffer=buffer, bucket_base=64, **kw)
+                          shuffle_buffer=buffer, bucket_base=64, decode_threads=threads, **kw)
     return ResumableLoader(stream, num_workers=workers)
+
+
+# decoding in the loop's own thread and in 2 decode threads must give the same stream
+THREADS = pytest.mark.parametrize("threads", [0, 2], ids=["serial", "2-threads"])
 
 
 def test_ranks_read_disjoint_samples_covering_the_data(toy_urls):
@@ -90,15 +100,16 @@ def test_weighted_mixing_follows_the_weights(tmp_path):
     assert 0.65 < share_a < 0.85
 
 
-def test_bad_samples_are_counted_and_too_many_stop_the_run(tmp_path):
+@THREADS
+def test_bad_samples_are_counted_and_too_many_stop_the_run(threads, tmp_path):
     samples = [toy_sample(i, seed=0, size=64) for i in range(40)]
     for s in samples[::2]:
         s["src.png"] = b"not a png"
     write_shard(tmp_path / "bad.tar", samples)
-    lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000)
+    lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000, threads=threads)
     batch = next(lenient)
     assert len(batch["key"]) == 2 and batch["skipped"] == {"undecodable_image": 2}
-    strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10)
+    strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10, threads=threads)
     with pytest.raises(RuntimeError, match="max_skip_rate"):
         list(itertools.islice(strict, 20))
 
@@ -107,51 +118,56 @@ def truncate(path, fraction):
     os.truncate(path, int(os.path.getsize(path) * fraction))
 
 
-def test_truncated_shard_is_counted_as_a_skip_naming_it(tmp_path, caplog):
+@THREADS
+def test_truncated_shard_is_counted_as_a_skip_naming_it(threads, tmp_path, caplog):
     good = [toy_sample(i, seed=0, size=64) for i in range(10)]
     write_shard(tmp_path / "good.tar", good)
     write_shard(tmp_path / "cut.tar", [toy_sample(i, seed=1, size=64) for i in range(10)])
     truncate(tmp_path / "cut.tar", 0.55)
-    loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5)
+    loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5, threads=threads)
     batches = list(itertools.islice(loader, 12))
     assert batches[-1]["skipped"]["unreadable_shard"] >= 1
     assert any("cut.tar cannot be read to the end" in r.message for r in caplog.records)
     keys = {k for b in batches for k in b["key"]}
     assert {s["__key__"] for s in good} <= keys  # the intact shard, and what precedes the damage, still train
-    strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5)
+    strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5, threads=threads)
     with pytest.raises(DataError, match=r"cut\.tar.*max_skip_rate|max_skip_rate.*cut\.tar"):
         list(itertools.islice(strict, 50))
 
 
-def test_a_set_with_no_samples_fails_instead_of_waiting_forever(tmp_path):
+@THREADS
+def test_a_set_with_no_samples_fails_instead_of_waiting_forever(threads, tmp_path):
     write_shard(tmp_path / "empty.tar", [])
     with pytest.raises(DataError, match="shard set 'toy'.*yielded no sample"):
-        next(make([str(tmp_path / "empty.tar")]))
+        next(make([str(tmp_path / "empty.tar")], threads=threads))
     (tmp_path / "zero.tar").write_bytes(b"")  # not even a tar: counted, then the same verdict
     with pytest.raises(DataError, match="yielded no sample"):
-        next(make([str(tmp_path / "zero.tar")], max_skip_rate=0.99))
+        next(make([str(tmp_path / "zero.tar")], max_skip_rate=0.99, threads=threads))
 
 
-def test_every_sample_undecodable_stops_with_the_reason(tmp_path):
+@THREADS
+def test_every_sample_undecodable_stops_with_the_reason(threads, tmp_path):
     samples = [toy_sample(i, seed=0, size=64) for i in range(3)]
     for s in samples:
         s["tgt.png"] = b"broken"
     write_shard(tmp_path / "bad.tar", samples)
     with pytest.raises(DataError, match="undecodable_image.*max_skip_rate"):
-        next(make([str(tmp_path / "bad.tar")], batch=2, max_skip_rate=0.5, min_seen_for_skip_rate=20))
+        next(make([str(tmp_path / "bad.tar")], batch=2, max_skip_rate=0.5, min_seen_for_skip_rate=20, threads=threads))
 
 
-def test_fewer_samples_than_readers_is_an_error_not_a_hang(tmp_path):
+@THREADS
+def test_fewer_samples_than_readers_is_an_error_not_a_hang(threads, tmp_path):
     write_shard(tmp_path / "one.tar", [toy_sample(0, seed=0, size=64)])
     with pytest.raises(DataError, match="1 samples, fewer than the 2 readers"):
-        next(make([str(tmp_path / "one.tar")], rank=1, world=2, batch=1))
+        next(make([str(tmp_path / "one.tar")], rank=1, world=2, batch=1, threads=threads))
 
 
-def test_two_records_under_one_key_are_skipped_as_duplicates(tmp_path):
+@THREADS
+def test_two_records_under_one_key_are_skipped_as_duplicates(threads, tmp_path):
     samples = [toy_sample(i, seed=0, size=64) for i in range(4)]
     samples[1]["__key__"] = samples[0]["__key__"]  # written one after the other: one key, fields twice
     write_shard(tmp_path / "dup.tar", samples)
-    loader = make([str(tmp_path / "dup.tar")], batch=1, buffer=1, max_skip_rate=0.9)
+    loader = make([str(tmp_path / "dup.tar")], batch=1, buffer=1, max_skip_rate=0.9, threads=threads)
     batches = list(itertools.islice(loader, 2))
     assert batches[-1]["skipped"] == {"duplicate_key": 1}
     assert samples[0]["__key__"] not in {k for b in batches for k in b["key"]}
@@ -179,3 +195,125 @@ def test_a_shard_cut_between_two_members_is_detected(tmp_path):
         list(iter_tar(str(tmp_path / "s.tar")))
     write_shard(tmp_path / "whole.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
     assert len(list(iter_tar(str(tmp_path / "whole.tar")))) == 4
+
+
+# ---------------------------------------------------------------- decode threads
+
+
+def damaged_shards(directory):
+    """Two shards with undecodable samples and a duplicate key, and one cut short: every kind of skip."""
+    samples = [toy_sample(i, seed=0, size=64) for i in range(24)]
+    for s in samples[3::7]:
+        s["tgt.png"] = b"broken"
+    samples[10]["__key__"] = samples[9]["__key__"]
+    write_shard(directory / "a.tar", samples[:12])
+    write_shard(directory / "b.tar", samples[12:])
+    write_shard(directory / "cut.tar", [toy_sample(i, seed=1, size=64) for i in range(10)])
+    truncate(directory / "cut.tar", 0.55)
+    return [str(directory / n) for n in ("a.tar", "b.tar", "cut.tar")]
+
+
+def test_decode_threads_change_the_speed_not_the_stream(tmp_path, monkeypatch):
+    urls = damaged_shards(tmp_path)
+    made_in, make_batch = set(), BucketStream._make
+
+    def jittered(self, group):  # batches finish out of order in the threads
+        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
+        time.sleep(random.random() * 0.01)
+        return make_batch(self, group)
+
+    monkeypatch.setattr(BucketStream, "_make", jittered)
+    options = dict(batch=3, buffer=4, max_skip_rate=0.9)
+    serial = list(itertools.islice(make(urls, **options), 25))
+    assert made_in == {"MainThread"}
+    threaded = list(itertools.islice(make(urls, threads=2, **options), 25))
+    assert "editflow-decode" in made_in
+    assert {"undecodable_image", "duplicate_key", "unreadable_shard"} <= serial[-1]["skipped"].keys()
+    for mine, theirs in zip(serial, threaded, strict=True):
+        assert mine["key"] == theirs["key"] and mine["skipped"] == theirs["skipped"]
+        assert torch.equal(mine["target"], theirs["target"]) and torch.equal(mine["source"], theirs["source"])
+
+
+def test_resume_with_decode_threads_continues_exactly(toy_urls):
+    reference = [b for b in itertools.islice(make(toy_urls, seed=5, threads=2), 9)]
+    first = make(toy_urls, seed=5, threads=2)
+    seen = list(itertools.islice(first, 4))
+    resumed = make(toy_urls, seed=5)  # the thread count is no part of the position
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    seen += list(itertools.islice(resumed, 5))
+    assert [b["key"] for b in seen] == [b["key"] for b in reference]
+    assert all(torch.equal(a["target"], b["target"]) for a, b in zip(seen, reference, strict=True))
+
+
+def test_workers_leave_decode_threads_unused_and_say_so(toy_urls, caplog):
+    with caplog.at_level(logging.WARNING):
+        loader = make(toy_urls, workers=1, threads=2, buffer=1)
+    assert "data.num_workers=1" in caplog.text and "data.decode_threads=2 is not used" in caplog.text
+    assert keys_of(loader, 3) == keys_of(make(toy_urls, workers=1, buffer=1), 3)
+
+
+def test_a_changed_worker_count_names_the_setting_that_continues_the_order(toy_urls):
+    state = make(toy_urls, workers=2).state_dict()
+    with pytest.raises(ValueError, match=r"num_workers: saved 2, now 0; set data\.num_workers=2 to continue"):
+        make(toy_urls).load_state_dict(state)
+
+
+@pytest.mark.parametrize("key, value", [("decode_threads", -1), ("num_workers", 1.5)])
+def test_bad_loader_settings_name_the_key(key, value):
+    from editflow.config import compose
+    from editflow.errors import ConfigError
+    from editflow.validate import validate
+
+    with pytest.raises(ConfigError, match=rf"data\.{key}: must be a non-negative integer, got {value}"):
+        validate(compose(["data=shards", "data.train=/data/x", f"data.{key}={value}"]))
+
+
+def test_ordered_map_keeps_the_order_and_reads_at_most_ahead():
+    pulled, out = [], []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield i
+
+    def square(i):
+        time.sleep(random.random() * 0.004)
+        return i * i
+
+    for result in ordered_map(square, items(), threads=4, ahead=3):
+        out.append(result)
+        assert len(pulled) <= len(out) - 1 + 3
+    assert out == [i * i for i in range(40)]
+
+
+def decode_threads_alive():
+    return [t for t in threading.enumerate() if t.name.startswith("editflow-decode")]
+
+
+def test_ordered_map_reports_a_read_error_after_the_results_before_it():
+    def items():
+        yield from range(5)
+        raise DataError("shard x.tar is gone")
+
+    got = []
+    with pytest.raises(DataError, match="x.tar is gone"):
+        for result in ordered_map(lambda i: i, items(), threads=2, ahead=4):
+            got.append(result)
+    assert got == [0, 1, 2, 3, 4] and not decode_threads_alive()
+
+
+def test_ordered_map_raises_a_job_error_at_its_item_and_closing_stops_the_threads():
+    def fail_at_3(i):
+        if i == 3:
+            raise ValueError("item 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for result in ordered_map(fail_at_3, range(10), threads=2, ahead=4):
+            got.append(result)
+    assert got == [0, 1, 2] and not decode_threads_alive()
+    endless = ordered_map(lambda i: i, itertools.count(), threads=2, ahead=4)
+    assert next(endless) == 0 and decode_threads_alive()
+    endless.close()
+    assert not decode_threads_alive()
