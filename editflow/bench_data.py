@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
     workers, threads, cores = result["workers"], result["decode_threads"], result["cores_used"]
     how = f"{workers} worker processes" if workers else f"{threads} decode threads"
-    how += f", {cores} at once (the usable CPUs)" if cores < max(workers, threads) else ""
+    how += f", {cores} at a time on the {result['cpu']} usable CPUs" if cores < max(workers, threads) else ""
     print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({how}), bare "
           f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"
           f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one thread "

@@ -126,9 +126,11 @@ class BucketStream(IterableDataset):
     thread is already where training needs it. A worker process has to hand its batch over: torch puts
     it into newly allocated shared memory (~6 ms of kernel time per pair of 8.4 MB of pixels, the page
     faults of fresh shared memory) and the training process maps it (~2 ms) and makes Qwen's PIL images
-    from the pixels again (~4 ms), against ~12.5 ms to decode the pair: 8 workers reached 0.43x the pairs
-    per CPU-second of a bare decode loop, threads 0.8x and more (README, Performance). Worker processes
-    still pay off where the per-sample work is Python that holds the GIL (e.g. heavy augmentation)."""
+    from the pixels again (~4 ms), against ~12.5 ms to decode the pair: 8 workers reach 0.45x the pairs
+    per CPU-second of a bare decode loop, threads 0.85x (README, Performance). Reusing shared-memory
+    buffers would save only the first of those three costs. Worker processes still pay off where the
+    per-sample work is Python that holds the GIL (heavy augmentation); tiny images (64 px) are cheapest
+    in the loop's own thread (`decode_threads=0`: handing a batch to a thread costs more than decoding it)."""
 
     def __init__(
         self,
