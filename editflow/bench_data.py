@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result, indent=1))
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
     workers, threads, cores = result["workers"], result["decode_threads"], result["cores_used"]
-    how = f"{workers} worker processes" if workers else f"{threads} decode threads"
+    how = f"{workers} worker process{'es' * (workers != 1)}" if workers else \
+        f"{threads} decode thread{'s' * (threads != 1)}"
     how += f", {cores} at a time on the {result['cpu']} usable CPUs" if cores < max(workers, threads) else ""
     print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({how}), bare "
           f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"

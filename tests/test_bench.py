@@ -47,7 +47,7 @@ def test_bench_data_writes_the_result_schema(tmp_path, loader):
     threads = loader[0].startswith("data.decode_threads")
     assert (data["workers"], data["decode_threads"]) == ((0, 1) if threads else (1, 0))
     assert data["cpu"] >= 1 and data["cores_used"] == 1
-    assert ("(1 decode threads)" if threads else "(1 worker processes)") in result.stderr
+    assert ("(1 decode thread)" if threads else "(1 worker process)") in result.stderr
     names = ("loader", "loader_one_thread", "decode", "encoded")
     assert all(data[f"{n}_samples_per_s"] > 0 and data["samples_per_cpu_s"][n] > 0 for n in names)
     assert len(data["rounds"]) == 2

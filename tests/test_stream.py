@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from editflow.data.shards import shard_urls, write_shard
 from editflow.data.loader import ordered_map
+from editflow.data.shards import shard_urls, write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
 from editflow.data.toy_shards import toy_sample, write_toy_shards
 from editflow.errors import DataError
@@ -106,7 +106,8 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(threads, tmp_path):
     for s in samples[::2]:
         s["src.png"] = b"not a png"
     write_shard(tmp_path / "bad.tar", samples)
-    lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000, threads=threads)
+    lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000,
+                   threads=threads)
     batch = next(lenient)
     assert len(batch["key"]) == 2 and batch["skipped"] == {"undecodable_image": 2}
     strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10, threads=threads)
@@ -124,13 +125,15 @@ def test_truncated_shard_is_counted_as_a_skip_naming_it(threads, tmp_path, caplo
     write_shard(tmp_path / "good.tar", good)
     write_shard(tmp_path / "cut.tar", [toy_sample(i, seed=1, size=64) for i in range(10)])
     truncate(tmp_path / "cut.tar", 0.55)
-    loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5, threads=threads)
+    loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5,
+                  threads=threads)
     batches = list(itertools.islice(loader, 12))
     assert batches[-1]["skipped"]["unreadable_shard"] >= 1
     assert any("cut.tar cannot be read to the end" in r.message for r in caplog.records)
     keys = {k for b in batches for k in b["key"]}
     assert {s["__key__"] for s in good} <= keys  # the intact shard, and what precedes the damage, still train
-    strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5, threads=threads)
+    strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5,
+                  threads=threads)
     with pytest.raises(DataError, match=r"cut\.tar.*max_skip_rate|max_skip_rate.*cut\.tar"):
         list(itertools.islice(strict, 50))
 

@@ -132,7 +132,7 @@ def usable_cpus() -> int:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
-    """`map(fn, items)` with `fn` run in `threads` threads, at most `ahead` items beyond the one last yielded.
+    """`map(fn, items)` with `fn` run in `threads` threads on at most `ahead` items read and not yet yielded.
 
     The results come in the order of `items`, whichever thread finishes first, and `items` is only ever
     advanced in the caller's thread (it need not be thread-safe). An exception raised by `items` comes after
