@@ -89,6 +89,7 @@ def dry(monkeypatch):
     import argparse
 
     import editflow.bench
+    import editflow.bench_data
     import editflow.pipeline
     import editflow.preencode
     import editflow.trainer
@@ -111,6 +112,12 @@ def dry(monkeypatch):
     def load_then_stop(*args, **kwargs):
         raise Parsed("model")
 
+    def compose_then_stop(args, overrides):  # `bench data`: its overrides compose; no data written or timed
+        from editflow.config import compose
+
+        compose(overrides)
+        raise Parsed("bench data")
+
     def stop(command: str) -> None:
         if command == "train":  # Hydra parses, composes and validates; the trainer does nothing
             monkeypatch.setattr(editflow.trainer, "Trainer", DryTrainer)
@@ -119,6 +126,7 @@ def dry(monkeypatch):
         elif command == "bench":  # composes and builds the config; times nothing
             monkeypatch.setattr(editflow.bench, "time_variant", lambda *args: {"samples_per_s": 1.0})
             monkeypatch.setattr(editflow.bench, "measure_peak_tflops", lambda *args: 1.0)
+            monkeypatch.setattr(editflow.bench_data, "run", compose_then_stop)
         elif command in ("edit", "eval", "export"):  # their checks of files and arguments come before the model
             monkeypatch.setattr(editflow.pipeline.EditPipeline, "from_pretrained", load_then_stop)
         else:
