@@ -141,7 +141,9 @@ class Trainer:
         if acc.distributed_type != DistributedType.DEEPSPEED:
             keep_trainable_in_fp32(editor, cfg.model)
         if not self.resume_from:  # a resumed run's checkpoint holds the connector
-            start_connector(editor.connector, cfg.model.connector, lambda: calibration_states(sets, self.conditioner))
+            with frozen_models_unpartitioned(acc):  # the base's CLIP (pooled start) is loaded whole, like Qwen
+                start_connector(editor.connector, cfg.model.connector,
+                                lambda: calibration_states(sets, self.conditioner))
         params = [p for p in editor.parameters() if p.requires_grad]
         ocfg = cfg.optim
         optimizer = build_optimizer(params, ocfg)

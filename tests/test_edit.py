@@ -220,7 +220,7 @@ def test_every_image_mode_reads_the_same_in_edit_training_and_convert(mode, tmp_
     edited = prepare(EditRequest([str(path)], "x", str(tmp_path / "o.png")), ModelLimits(64, 512)).source
     trained = decode_sample({"__key__": "k", "json": b'{"instruction": "x"}', "src.png": path.read_bytes(),
                              "tgt.png": path.read_bytes()}).source
-    stored, _, _ = load_image(str(path), "source", {}, Validation(min_side=1))
+    stored, _, _ = load_image(str(path), "source", {}, {}, Validation(min_side=1))
     converted = Image.open(io.BytesIO(stored))
     for seen in (edited, trained, converted):
         assert seen.mode == "RGB" and seen.getpixel((5, 5)) == expected, (mode, seen.mode, seen.getpixel((5, 5)))

@@ -25,6 +25,8 @@ def test_sets_without_a_weight_are_drawn_in_proportion_to_their_size(tmp_path):
 
 
 def test_a_set_of_unknown_size_needs_a_weight(tmp_path):
+    for i in range(4):  # bare .tar files without a manifest: they exist, their sample count is unknown
+        (tmp_path / f"x-{i:03d}.tar").write_bytes(b"")
     cfg = OmegaConf.create({"kind": "shards", "train": {"a": {"path": str(tmp_path / "x-{000..003}.tar")}}})
     with pytest.raises(ValueError, match=r"data.train.a: no weight, and its size is unknown"):
         train_sets(cfg)

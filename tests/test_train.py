@@ -149,6 +149,6 @@ def test_logging_throughput_mfu_ema_and_offline_wandb(quick_run):
     checkpoint = run / "checkpoints" / "step-0000004"
     ema = torch.load(checkpoint / "ema.pt")
     weights = load_file(checkpoint / "model.safetensors")
-    assert ema.keys() == weights.keys()
+    assert set(weights) - set(ema) == {"connector.pooled_base"}  # every parameter averaged; a buffer is saved as is
     assert any(not torch.equal(ema[k], weights[k]) for k in ema)  # an average, not a copy
     assert list((run / "wandb").glob("offline-run-*"))  # wandb is offline by default
