@@ -9,7 +9,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editflow.config import CONFIG_DIR, register_resolvers
+from editflow import quiet
+
+quiet.install()  # before editflow.config imports diffusers, whose import emits the notices
+from editflow.config import CONFIG_DIR, register_resolvers  # noqa: E402
 
 register_resolvers()
 
