@@ -27,6 +27,7 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+REGION_WEIGHTING = ("none", "log")
 
 
 def sample_sigmas(
@@ -56,12 +57,33 @@ def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas.float())
 
 
+def region_weights(scheme: str, region: torch.Tensor) -> torch.Tensor | None:
+    """Per-latent loss weights (B, 1, h, w) from the changed region (B, h, w), or None for "none".
+
+    "log" (the public GPT-Image-Edit code's `mask_weight_type: 'log'`): 1 outside the region and
+    1 + log2(cells / region cells) inside, so a small edit is not drowned by the unchanged rest. A sample
+    whose region is empty or everything gets weight 1 everywhere."""
+    if scheme not in REGION_WEIGHTING:
+        raise ValueError(f"unknown region weighting {scheme!r}; expected one of {REGION_WEIGHTING}")
+    if scheme == "none":
+        return None
+    region = region.bool()
+    cells = region[0].numel()
+    inside = region.flatten(1).sum(1).clamp(min=1)
+    boost = 1.0 + torch.log2(cells / inside.float())
+    return torch.where(region, boost.view(-1, 1, 1), 1.0).unsqueeze(1)
+
+
 def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none",
-                  padded: bool | None = None):
-    """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch."""
+                  padded: bool | None = None, region_weight: torch.Tensor | None = None):
+    """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch.
+
+    region_weight: optional per-latent weights (B, 1, h, w), see `region_weights`."""
     pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance, padded)
-    losses = per_sample_mse(pred, velocity(x0, noise))
-    return (losses * loss_weights(weighting, sigmas)).mean(), losses.detach()
+    target = velocity(x0, noise)
+    losses = per_sample_mse(pred, target)
+    weighted = losses if region_weight is None else per_sample_mse(pred, target, region_weight)
+    return (weighted * loss_weights(weighting, sigmas)).mean(), losses.detach()
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -73,8 +95,12 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample; `weight` (broadcast to pred's shape) scales each element."""
+    error = (pred.float() - target.float()) ** 2
+    if weight is not None:
+        error = error * weight.float()
+    return error.flatten(1).mean(1)
 
 
 def sigma_bin_losses(losses: torch.Tensor, sigmas: torch.Tensor, bins: int = 4) -> torch.Tensor:

@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import image_tensor
+from editflow.data.regions import changed_region
 from editflow.data.samples import SampleError, decode_sample
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,10 @@ def bucket_of(raw: dict, base: int, square_only: bool = False) -> tuple[int, int
 
 
 def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | None = None,
-                   square_only: bool = False) -> dict:
+                   square_only: bool = False, regions: bool = False) -> dict:
     """Decoded samples of one bucket -> a batch: images fitted to the bucket (the source to its scaled
-    bucket when `source_pixels` is set), as tensors in [-1, 1] and, for Qwen, as PIL images."""
+    bucket when `source_pixels` is set), as tensors in [-1, 1] and, for Qwen, as PIL images. With
+    `regions`, also each sample's changed region at the target's size (`region`, (B, H, W) bool)."""
     source_bucket = scaled_bucket(bucket, source_pixels) if source_pixels else bucket
     fit = resize_to_bucket
     if square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
@@ -99,7 +102,7 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
     targets = [fit(s.target, bucket) for s in samples]
     sources = [fit(s.source, source_bucket) if s.source is not None else None for s in samples]
     has_source = all(s is not None for s in sources)
-    return {
+    batch = {
         "key": [s.key for s in samples],
         "instruction": [s.instruction for s in samples],
         "target": torch.stack([image_tensor(t) for t in targets]),
@@ -107,6 +110,12 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
         "source_images": sources if has_source else [None] * len(samples),
         "text_to_image": [s is None for s in sources],
     }
+    if regions:  # the shard's mask when it has one, else |source - target|; all of a text-to-image target
+        batch["region"] = torch.from_numpy(np.stack([
+            np.ones((bucket[1], bucket[0]), dtype=bool) if s.source is None else
+            changed_region(fit(s.source, bucket), t, None if s.mask is None else fit(s.mask, bucket))
+            for s, t in zip(samples, targets)]))
+    return batch
 
 
 class BucketStream(IterableDataset):
@@ -126,6 +135,7 @@ class BucketStream(IterableDataset):
         min_seen_for_skip_rate: int = 200,
         square_only: bool = False,
         encoded: bool = False,
+        regions: bool = False,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -135,6 +145,7 @@ class BucketStream(IterableDataset):
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
+        self.regions = regions  # batches carry each sample's changed region (objective.region_weighting)
         self.max_skip_rate, self.min_seen = max_skip_rate, min_seen_for_skip_rate
         self.skip_batches = 0  # set by the loader when resuming
         self.skipped: dict[str, int] = {}
@@ -211,7 +222,7 @@ class BucketStream(IterableDataset):
         if self.encoded:
             batch = collate_encoded(samples)
         else:
-            batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
+            batch = collate_images(samples, bucket[:2], self.source_pixels, self.square_only, self.regions)
         return {**batch, "skipped": dict(self.skipped)}
 
     def __iter__(self) -> Iterator[dict]:
