@@ -80,9 +80,9 @@ def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, we
 
     region_weight: optional per-latent weights (B, 1, h, w), see `region_weights`."""
     pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance, padded)
-    target = velocity(x0, noise)
-    losses = per_sample_mse(pred, target)
-    weighted = losses if region_weight is None else per_sample_mse(pred, target, region_weight)
+    error = (pred.float() - velocity(x0, noise).float()) ** 2
+    losses = error.flatten(1).mean(1)
+    weighted = losses if region_weight is None else (error * region_weight.float()).flatten(1).mean(1)
     return (weighted * loss_weights(weighting, sigmas)).mean(), losses.detach()
 
 
@@ -95,12 +95,8 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error per sample; `weight` (broadcast to pred's shape) scales each element."""
-    error = (pred.float() - target.float()) ** 2
-    if weight is not None:
-        error = error * weight.float()
-    return error.flatten(1).mean(1)
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
 
 def sigma_bin_losses(losses: torch.Tensor, sigmas: torch.Tensor, bins: int = 4) -> torch.Tensor:
