@@ -175,6 +175,9 @@ COMMANDS = {"train": _train, "data": _data, "encode": _encode, "edit": _edit, "e
 
 
 def main(argv: list[str] | None = None) -> None:
+    from editflow import quiet
+
+    quiet.install()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print("usage: editflow {train,data,encode,edit,eval,export,slurm,bench} ...\n"

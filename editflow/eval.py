@@ -13,9 +13,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from editflow.data.images import to_rgb
+from editflow.data.regions import changed_region, pixels
 from editflow.data.samples import EditSample
 
 PRIMARY = "mae"
@@ -24,35 +25,15 @@ SUCCESS_EDIT_MAE = 0.10
 SUCCESS_KEEP_MAE = 0.05
 
 
-# Real data has no ground-truth mask: pixels whose source and target differ by more than this
-# (mean over channels, [0, 1] scale) are taken as the changed region.
-CHANGE_THRESHOLD = 0.1
-
-
-def _array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    image = to_rgb(image)
-    if image.size != size:
-        image = image.resize(size, Image.BICUBIC)
-    return np.asarray(image, dtype=np.float32) / 255
-
-
-def changed_region(sample: EditSample) -> np.ndarray:
-    """Boolean (H, W) changed region at the target's size: the toy ground truth, else |source - target|."""
-    if sample.mask is not None:
-        return np.asarray(sample.mask.resize(sample.target.size, Image.NEAREST)) > 127
-    difference = np.abs(_array(sample.source, sample.target.size) - _array(sample.target, sample.target.size))
-    return difference.mean(-1) > CHANGE_THRESHOLD
-
-
 def edit_scores(pred: Image.Image, sample: EditSample) -> dict[str, float]:
     """Scores of one edited image against the sample's target, inside and outside the changed region."""
-    target = _array(sample.target, sample.target.size)
-    output = _array(pred, sample.target.size)
+    target = pixels(sample.target, sample.target.size)
+    output = pixels(pred, sample.target.size)
     error = np.abs(output - target).mean(-1)
     scores = {"mae": float(error.mean())}
     if sample.source is not None:
-        changed = changed_region(sample)
-        drift = np.abs(output - _array(sample.source, sample.target.size)).mean(-1)
+        changed = changed_region(sample.source, sample.target, sample.mask)
+        drift = np.abs(output - pixels(sample.source, sample.target.size)).mean(-1)
         scores["preservation_mae"] = float(drift[~changed].mean()) if (~changed).any() else 0.0
         edit = float(error[changed].mean()) if changed.any() else 0.0
         keep = float(error[~changed].mean()) if (~changed).any() else 0.0
@@ -119,20 +100,70 @@ def evaluate(
     return result, edits
 
 
-def sample_grid(samples: Sequence[EditSample], edits: Sequence[Image.Image], text_width: int = 260) -> Image.Image:
-    """One row per sample: source | target | model edit | instruction."""
-    w, h = samples[0].target.size
-    grid = Image.new("RGB", (3 * w + text_width, h * len(samples)), "white")
+def grid_picks(samples: Sequence[EditSample], rows: int) -> list[int]:
+    """Indices of up to `rows` samples for the grid: one per kind of edit (in order of first appearance),
+    then a second of each kind, and so on, so every kind is shown before any is repeated."""
+    by_task: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_task.setdefault(sample.meta.get("task") or "edit", []).append(i)
+    picks: list[int] = []
+    for rank in range(max((len(v) for v in by_task.values()), default=0)):
+        picks += [indices[rank] for indices in by_task.values() if rank < len(indices)]
+    return picks[:rows]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's scalable built-in font (needs FreeType)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and draw.textlength(candidate, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def _fit(image: Image.Image, cell: int) -> Image.Image:
+    """`image` scaled to fit a `cell` x `cell` square; small images grow by whole pixels (no blur)."""
+    image = to_rgb(image)
+    scale = cell / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    whole = scale >= 1 and scale == int(scale)
+    return image.resize(size, Image.NEAREST if whole else Image.BICUBIC)
+
+
+def sample_grid(samples: Sequence[EditSample], edits: Sequence[Image.Image], cell: int = 192,
+                text_width: int = 300) -> Image.Image:
+    """One row per sample under column headings: source | target | edit | the kind of edit, the
+    instruction, and the row's scores (model and copy-the-source)."""
+    header, pad, gap = 28, 6, 4
+    heading, body = _font(16), _font(13)
+    step = cell + gap
+    grid = Image.new("RGB", (3 * step + text_width, header + step * len(samples)), "white")
     draw = ImageDraw.Draw(grid)
+    for col, title in enumerate(("source", "target", "edit", "instruction")):
+        draw.text((col * step + pad, 5), title, fill="black", font=heading)
     for row, (sample, edit) in enumerate(zip(samples, edits)):
+        top = header + row * step
         for col, image in enumerate((sample.source, sample.target, edit)):
-            grid.paste(to_rgb(image).resize((w, h)), (col * w, row * h))
-        words, lines = sample.instruction.split(), [""]
-        for word in words:  # wrap to the text column
-            lines[-1] = f"{lines[-1]} {word}".strip() if len(lines[-1]) + len(word) < text_width // 7 else lines[-1]
-            if not lines[-1].endswith(word):
-                lines.append(word)
-        draw.multiline_text((3 * w + 6, row * h + 4), "\n".join(lines), fill="black", spacing=2)
+            fitted = _fit(image, cell)
+            grid.paste(fitted, (col * step + (cell - fitted.width) // 2, top + (cell - fitted.height) // 2))
+        model, copy = edit_scores(edit, sample), edit_scores(sample.source, sample)
+        scores = f"mae {model['mae']:.3f} (copy {copy['mae']:.3f})"
+        if "success" in model:
+            scores += ", success" if model["success"] else ", not a success"
+        left = 3 * step + pad
+        draw.text((left, top + pad), sample.meta.get("task") or "edit", fill=(30, 80, 200), font=heading)
+        lines = _wrap(draw, sample.instruction, body, text_width - 2 * pad)
+        draw.multiline_text((left, top + pad + 24), "\n".join(lines), fill="black", font=body, spacing=3)
+        draw.text((left, top + cell - pad - 16), scores, fill=(90, 90, 90), font=body)
     return grid
 
 

@@ -14,7 +14,7 @@ from editflow.data.loader import read_samples
 from editflow.data.sources import resolve_urls
 from editflow.edit import check_writable
 from editflow.errors import EditflowError, report
-from editflow.eval import evaluate_guidances, sample_grid
+from editflow.eval import evaluate_guidances, grid_picks, sample_grid
 from editflow.model_paths import read_model_config
 
 
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(finite(result), indent=1))
     if args.grid:
-        n = min(8, len(edits))
-        sample_grid([s for s in samples if s.source is not None][:n], edits[:n]).save(args.grid)
+        scored = [s for s in samples if s.source is not None]
+        picks = grid_picks(scored, 8)
+        sample_grid([scored[i] for i in picks], [edits[i] for i in picks]).save(args.grid)
     primary = result["primary"]
     print(f"{primary}: model {result['model'][primary]:.4f}  copy-source {result['baseline'][primary]:.4f}  "
           f"({result['num_samples']} samples) -> {args.out}")

@@ -27,6 +27,7 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+REGION_WEIGHTING = ("none", "log")
 
 
 def sample_sigmas(
@@ -56,12 +57,33 @@ def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(scheme, sigmas.float())
 
 
+def region_weights(scheme: str, region: torch.Tensor) -> torch.Tensor | None:
+    """Per-latent loss weights (B, 1, h, w) from the changed region (B, h, w), or None for "none".
+
+    "log" (the public GPT-Image-Edit code's `mask_weight_type: 'log'`): 1 outside the region and
+    1 + log2(cells / region cells) inside, so a small edit is not drowned by the unchanged rest. A sample
+    whose region is empty or everything gets weight 1 everywhere."""
+    if scheme not in REGION_WEIGHTING:
+        raise ValueError(f"unknown region weighting {scheme!r}; expected one of {REGION_WEIGHTING}")
+    if scheme == "none":
+        return None
+    region = region.bool()
+    cells = region[0].numel()
+    inside = region.flatten(1).sum(1).clamp(min=1)
+    boost = 1.0 + torch.log2(cells / inside.float())
+    return torch.where(region, boost.view(-1, 1, 1), 1.0).unsqueeze(1)
+
+
 def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none",
-                  padded: bool | None = None):
-    """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch."""
+                  padded: bool | None = None, region_weight: torch.Tensor | None = None):
+    """(weighted mean loss to backpropagate, unweighted per-sample losses for logging) of one micro-batch.
+
+    region_weight: optional per-latent weights (B, 1, h, w), see `region_weights`."""
     pred = editor(add_noise(x0, noise, sigmas), sources, states, mask, sigmas, guidance, padded)
-    losses = per_sample_mse(pred, velocity(x0, noise))
-    return (losses * loss_weights(weighting, sigmas)).mean(), losses.detach()
+    error = (pred.float() - velocity(x0, noise).float()) ** 2
+    losses = error.flatten(1).mean(1)
+    weighted = losses if region_weight is None else (error * region_weight.float()).flatten(1).mean(1)
+    return (weighted * loss_weights(weighting, sigmas)).mean(), losses.detach()
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

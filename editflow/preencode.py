@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from editflow.data.encoded import drawn_drops, encoded_sample, encoding_settings
+from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
 from editflow.data.shards import write_manifest, write_shard
 from editflow.data.sources import train_sets
@@ -54,10 +55,13 @@ class ShardEncoder:
         self.batch_size = cfg.encode.batch_size
 
     def _encode_batch(self, samples: list, bucket: tuple[int, int]) -> list[dict]:
-        batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False))
+        batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False),
+                               regions=True)
         target, source = self.encoder.latents(batch["target"]), self.encoder.latents(batch["source"])
-        out = [{"target": target[j]} if source is None else {"target": target[j], "source": source[j]}
-               for j in range(len(samples))]
+        # the changed region at latent resolution, for objective.region_weighting (whatever the run's setting)
+        region = latent_region(batch["region"], target.shape[-2:]).to(torch.uint8)
+        out = [{"target": target[j], "region": region[j]} if source is None else
+               {"target": target[j], "source": source[j], "region": region[j]} for j in range(len(samples))]
         for drop in [None, *self.drops]:
             inputs = [drop_inputs(t, im, drop) for t, im in zip(batch["instruction"], batch["source_images"])]
             for row, states in zip(out, self.encoder.states([im for _, im in inputs], [t for t, _ in inputs])):

@@ -12,8 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from editflow.config import CONFIG_DIR, register_resolvers
-from editflow.errors import ConfigError, report
+from editflow import quiet
+
+quiet.install()  # before editflow.config imports diffusers, whose import emits the notices
+from editflow.config import CONFIG_DIR, register_resolvers  # noqa: E402
+from editflow.errors import ConfigError, report  # noqa: E402
 
 register_resolvers()
 

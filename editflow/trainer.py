@@ -23,19 +23,21 @@ from editflow import checkpoint as ckpt
 from editflow import flow
 from editflow.data.encoded import check_pre_encoded
 from editflow.data.loader import read_samples
+from editflow.data.regions import batch_region
 from editflow.data.skips import SkipCounter
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.errors import CheckpointError, DataError
-from editflow.eval import eval_metrics, evaluate_guidances, guidance_values, sample_grid
+from editflow.eval import eval_metrics, evaluate_guidances, grid_picks, guidance_values, sample_grid
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.models.attention import check_attention_backend
 from editflow.models.build import build_frozen, build_models, compile_blocks, keep_trainable_in_fp32
 from editflow.models.connector_start import start_connector
 from editflow.pipeline import EditPipeline, sample_guidance
+from editflow.run_summary import PhaseTimer, summary
 from editflow.validate import check_world_size
 
 log = logging.getLogger(__name__)
@@ -108,13 +110,14 @@ class Trainer:
         acc = self.accelerator
         self.accumulation = check_world_size(cfg, acc.num_processes)  # before any model loads
         acc.gradient_accumulation_steps = self.accumulation
-        log.info("%s on %s: %d process(es) x micro-batch %d x accumulation %d = global batch %d",
-                 acc.distributed_type.value, acc.device, acc.num_processes, tcfg.micro_batch_size, self.accumulation,
-                 tcfg.global_batch_size)
+        log.info("%s; micro-batch %d x accumulation %d x %d process(es) = global batch %d", self._describe_setup(),
+                 tcfg.micro_batch_size, self.accumulation, acc.num_processes, tcfg.global_batch_size)
         set_seed(tcfg.seed, device_specific=True)  # per-rank noise and sigmas
 
         dcfg = cfg.data
-        with acc.main_process_first():  # rank 0 generates the toy set; the others then find it cached
+        self.timer = PhaseTimer()  # wall time by phase, for the end-of-run summary
+        with acc.main_process_first(), self.timer("toy data" if dcfg.kind == "toy" else "data index"):
+            # rank 0 generates the toy set; the others then find it cached
             sets = train_sets(dcfg, progress=acc.is_main_process)
             self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
                 dcfg.kind == "toy" else []
@@ -125,7 +128,7 @@ class Trainer:
         self.resume_from = self._resume_candidates()
         # Pre-encoded data: Qwen and the VAE serve only evaluation; they are loaded then, into host memory.
         qwen_dim = sets[0].encoding.get("qwen_hidden_size") if pre_encoded else None
-        with frozen_models_unpartitioned(acc):
+        with frozen_models_unpartitioned(acc), self.timer("models"):
             models = build_models(cfg.model, seed=tcfg.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
@@ -170,6 +173,7 @@ class Trainer:
                 raise ValueError("trainer.ema_decay: an EMA needs whole weights on each rank; ZeRO-3 partitions "
                                  "them (use launcher=deepspeed_zero2 or set trainer.ema_decay=null)")
             self.ema = EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.get("ema_cpu") else None)
+        self._grid_rows, self._grid_path = [], None  # the latest sample grid (end-of-run summary)
         self.flops_per_step: int | None = None
         self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
         self.wandb = None
@@ -180,18 +184,30 @@ class Trainer:
 
         length = None if self.conditioner is None else self.conditioner.sequence_length  # pre-encoded: in the json
         text_multiple = models.editor.text_pad_multiple
+        self.region_weighting = cfg.objective.get("region_weighting", "none")
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
             max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False), encoded=pre_encoded,
             text_key=TextBucketKey(text_multiple, length, dcfg.get("source_pixels")) if text_multiple > 1 else None,
             decode_threads=dcfg.get("decode_threads", 0),
+            regions=self.region_weighting != "none" and not pre_encoded,
         )
         self.batches = ResumableLoader(stream, num_workers=dcfg.num_workers)
         self._maybe_resume()
         self._warn_if_disk_is_short(params)
 
     # ------------------------------------------------------------------ state
+    def _describe_setup(self) -> str:
+        """'single process on cpu', 'DDP, 2 processes on cpu', 'DeepSpeed ZeRO-3, 8 processes on cuda', ..."""
+        acc = self.accelerator
+        kind = acc.distributed_type
+        if kind == DistributedType.NO:
+            return f"single process on {acc.device.type}"
+        name = {DistributedType.DEEPSPEED: f"DeepSpeed ZeRO-{self._zero_stage()}", DistributedType.FSDP: "FSDP"}.get(
+            kind, "DDP")
+        return f"{name}, {acc.num_processes} process{'es' if acc.num_processes > 1 else ''} on {acc.device.type}"
+
     def _zero_stage(self) -> int | None:
         plugin = self.accelerator.state.deepspeed_plugin
         return plugin.deepspeed_config.get("zero_optimization", {}).get("stage") if plugin else None
@@ -338,6 +354,10 @@ class Trainer:
                         "will fail unless space is freed", self.run_dir, free / 1e9, needed / 1e9)
 
     def save_checkpoint(self) -> Path | None:
+        with self.timer("checkpoints"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
         """All ranks take part: positions and RNG are gathered, DeepSpeed/FSDP shards written by each rank,
         then the main process writes the rest and commits the directory by rename."""
         acc = self.accelerator
@@ -390,7 +410,8 @@ class Trainer:
         obj = self.cfg.objective
         device = self.accelerator.device
         batch = condition_dropout(batch, obj.drop_text, obj.drop_image, obj.drop_both)
-        encoded = self.encoder(batch, device)
+        with self.timer("encoding"):  # the frozen VAE and Qwen (cached or pre-encoded samples cost ~nothing)
+            encoded = self.encoder(batch, device)
         if encoded is None:
             return None
         x0, source, states, mask, padded = encoded
@@ -400,8 +421,12 @@ class Trainer:
                                     device=device, mode_scale=obj.mode_scale)
         noise = torch.randn_like(x0)
         guidance = torch.full((x0.shape[0],), float(obj.guidance), device=device)
+        region_weight = None
+        if self.region_weighting != "none":
+            region = batch_region(batch, x0.shape[-2:])
+            region_weight = flow.region_weights(self.region_weighting, region).to(device, non_blocking=True)
         loss, losses = flow.training_loss(self.editor, x0, noise, sigmas, source, states, mask, guidance,
-                                          obj.loss_weighting, padded)
+                                          obj.loss_weighting, padded, region_weight)
         return loss, losses, sigmas
 
     def _register_process(self) -> None:
@@ -515,6 +540,7 @@ class Trainer:
         window_start, window_samples = time.time(), 0
         bins = torch.zeros(2, 4, device=acc.device)
         start_step = self.step
+        self.timer.begin("training steps")  # ended before the end-of-run work (checkpoint, evaluation)
         while self.step < tcfg.max_steps:
             loss_sum, keys = torch.zeros((), device=acc.device), []
             step_start = self.batches.batches_yielded
@@ -583,6 +609,7 @@ class Trainer:
                 self.editor.train()
             if self._should_stop(start_step) and self.step < tcfg.max_steps:
                 bar.close()
+                self.timer.end()
                 self.save_checkpoint()
                 log.warning("stopped at step %d with a checkpoint; resume with trainer.resume=auto", self.step)
                 if acc.is_main_process:  # tells the SLURM template to requeue
@@ -590,13 +617,16 @@ class Trainer:
                 self.preempted = True
                 return {}
         bar.close()
+        self.timer.end()
         if self.step > start_step or ckpt.latest_checkpoint(self.checkpoint_root) is None:
             self.save_checkpoint()
-        result = self.finish()
+        result = self.finish(self.step - start_step)
         if self.wandb is not None:
             if result:
                 self.wandb.summary.update({f"eval/{k}": v for k, v in result["model"].items() if "/" not in k})
             self.wandb.finish()
+        if acc.is_main_process:  # the last thing on the terminal
+            print((self.run_dir / "summary.txt").read_text(), flush=True)
         return result
 
     # ------------------------------------------------------------------ end of run
@@ -607,10 +637,27 @@ class Trainer:
         return EditPipeline(self.accelerator.unwrap_model(self.editor), self.conditioner, self.codec, self.scheduler,
                             sample_guidance(self.cfg))
 
-    def finish(self) -> dict:
-        return self.run_eval()
+    def finish(self, steps: int) -> dict:
+        """Final evaluation, then summary.txt (printed at the very end): where the results are, the model
+        against copy-the-source per kind of edit, the time by phase, and the commands to run next."""
+        result = self.run_eval()
+        if self.accelerator.is_main_process:
+            example = None
+            if self._grid_rows:  # a held-out source to try `editflow edit` on
+                sample = self._grid_rows[0]
+                image = self.run_dir / "example-source.png"
+                sample.source.save(image)
+                example = (image, sample.instruction)
+            text = summary(self.run_dir, ckpt.latest_checkpoint(self.checkpoint_root), self._grid_path, result,
+                           self.timer.seconds, steps, example)
+            (self.run_dir / "summary.txt").write_text(text)
+        return result
 
     def run_eval(self) -> dict:
+        with self.timer("evaluation"):
+            return self._run_eval()
+
+    def _run_eval(self) -> dict:
         """Edit the held-out samples: eval.json, a sample grid, and `eval/*` in metrics.jsonl (main process)."""
         acc, ecfg = self.accelerator, self.cfg.eval
         result = {}
@@ -632,9 +679,12 @@ class Trainer:
         if result:
             result["step"] = self.step
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-            n = min(ecfg.grid_rows, len(edits))
-            grid = sample_grid([s for s in samples if s.source is not None][:n], edits[:n])
-            grid.save(self.run_dir / f"samples-step{self.step:07d}.png")
+            scored = [s for s in samples if s.source is not None]  # `edits` has one image per scored sample
+            picks = grid_picks(scored, ecfg.grid_rows)
+            self._grid_rows = [scored[i] for i in picks]
+            grid = sample_grid(self._grid_rows, [edits[i] for i in picks])
+            self._grid_path = self.run_dir / f"samples-step{self.step:07d}.png"
+            grid.save(self._grid_path)
             if self.wandb is not None:
                 import wandb
 

@@ -7,7 +7,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from editflow.errors import ConfigError
-from editflow.flow import LOSS_WEIGHTING, SIGMA_SAMPLING
+from editflow.flow import LOSS_WEIGHTING, REGION_WEIGHTING, SIGMA_SAMPLING
 from editflow.models.build import DTYPES
 
 __all__ = ["ConfigError", "check_world_size", "validate"]
@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
     _require(obj.logit_std > 0, "objective.logit_std", f"must be positive, got {obj.logit_std}")
     _require(obj.loss_weighting in LOSS_WEIGHTING, "objective.loss_weighting",
              f"expected one of {', '.join(LOSS_WEIGHTING)}, got {obj.loss_weighting!r}")
+    _require(obj.get("region_weighting", "none") in REGION_WEIGHTING, "objective.region_weighting",
+             f"expected one of {', '.join(REGION_WEIGHTING)}, got {obj.get('region_weighting')!r}")
     drops = [obj.drop_text, obj.drop_image, obj.drop_both]
     for key, p in zip(("drop_text", "drop_image", "drop_both"), drops):
         _require(0 <= p <= 1, f"objective.{key}", f"must be a probability in [0, 1], got {p}")

@@ -35,7 +35,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
-    """The main job, once per session: `editflow train` with no overrides (about 5 minutes)."""
+    """The main job, once per session: `editflow train` with no overrides (a few minutes)."""
     import subprocess
     import sys
 
@@ -44,6 +44,8 @@ def default_run(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", f"hydra.run.dir={root / 'run'}"],
                             env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)  # what the user saw (tests of the start and the summary)
+    (root / "stderr.txt").write_text(result.stderr)
     return root
 
 

@@ -87,9 +87,10 @@ def test_reference_images_get_their_own_position_index(quick_model, source, tmp_
     pipe(Image.open(source), "Add a circle.", num_inference_steps=1, references=[reference, reference])
     hook.remove()
     ids = seen[0]
-    assert ids.shape[0] == 4 * 16  # target + source + 2 references, 16 tokens each at 64 px
-    assert [int(ids[i * 16, 0]) for i in range(4)] == [0, 1, 2, 3]
-    assert torch.equal(ids[16:32, 1:], ids[:16, 1:])  # same grid, distinct first coordinate
+    n = (64 // pipe.size_multiple) ** 2  # packed tokens of a 64 px image
+    assert ids.shape[0] == 4 * n  # target + source + 2 references
+    assert [int(ids[i * n, 0]) for i in range(4)] == [0, 1, 2, 3]
+    assert torch.equal(ids[n:2 * n, 1:], ids[:n, 1:])  # same grid, distinct first coordinate
     assert torch.equal(image_ids(8, 8, 2)[:, 0], torch.full((16,), 2.0))
 
 

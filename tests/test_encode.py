@@ -7,12 +7,14 @@ import subprocess
 import sys
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from editflow.config import compose
 from editflow.data.encoded import TENSORS_EXT, check_pre_encoded, decode_encoded
+from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
 from editflow.data.sources import train_sets
 from editflow.data.stream import iter_tar
@@ -70,6 +72,9 @@ def test_encoded_shards_mirror_the_source_with_the_stored_tensors(encoded, monke
         torch.testing.assert_close(stored.tensors[field], expected, atol=1e-4, rtol=1e-4)
     # the image is gone from what Qwen read when it was dropped
     assert stored.tensors["states_drop_image"].shape[0] < stored.tensors["states"].shape[0]
+    # the changed region (objective.region_weighting): the toy mask, pooled to the latent grid
+    region = latent_region(torch.from_numpy(np.asarray(sample.mask) > 127)[None], stored.tensors["target"].shape[-2:])
+    assert region.any() and torch.equal(stored.tensors["region"].bool(), region[0])
 
 
 def test_training_on_pre_encoded_data_follows_the_on_the_fly_run(encoded):

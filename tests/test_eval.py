@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 
 from editflow.data.samples import EditSample
 from editflow.data.toy import make_edit
-from editflow.eval import evaluate, sample_grid
+from editflow.eval import evaluate, grid_picks, sample_grid
 
 
 def _sample(i):
@@ -29,10 +30,17 @@ def test_baseline_mae_is_region_error_times_region_fraction():
     assert base["mae"] == pytest.approx(base["mae_edit_region"] * sample.meta["changed_fraction"], rel=1e-5)
 
 
-def test_grid_has_one_row_per_sample():
-    samples = [_sample(i) for i in range(3)]
-    grid = sample_grid(samples, [s.target for s in samples])
-    assert grid.height == 3 * 64 and grid.width > 3 * 64
+def test_grid_shows_every_kind_of_edit_before_repeating_one():
+    samples = [_sample(i) for i in range(12)]
+    picks = grid_picks(samples, 7)
+    kinds = [samples[i].meta["task"] for i in picks]
+    assert sorted(kinds[:5]) == sorted({s.meta["task"] for s in samples}) and len(kinds) == 7
+    assert grid_picks(samples, 3) == picks[:3]
+    grid = sample_grid([samples[i] for i in picks[:5]], [samples[i].target for i in picks[:5]], cell=96)
+    # a heading row, then one row of source | target | edit (+ the instruction) per kind
+    assert grid.height == 28 + 5 * (96 + 4) and grid.width > 3 * 96
+    heading = np.asarray(grid.convert("L"))[:28, : 3 * 96]
+    assert (heading < 128).any()  # the column titles are drawn
 
 
 def test_judge_answers_are_parsed_or_marked_unparsed():

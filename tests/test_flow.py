@@ -102,3 +102,78 @@ def test_loss_decreases_when_training_the_tiny_editor(tiny_model_cfg):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_log_region_weights_boost_the_changed_cells_by_how_small_they_are():
+    region = torch.zeros(3, 4, 4, dtype=torch.bool)
+    region[0, :1, :2] = True  # 2 of 16 cells changed
+    region[2] = True  # everything changed
+    weights = flow.region_weights("log", region)
+    assert weights.shape == (3, 1, 4, 4)
+    assert torch.all(weights[0, 0][region[0]] == 1 + 3) and torch.all(weights[0, 0][~region[0]] == 1)
+    assert torch.all(weights[1] == 1) and torch.all(weights[2] == 1)  # nothing or all changed: no emphasis
+    assert flow.region_weights("none", region) is None
+    with pytest.raises(ValueError, match="unknown region weighting 'exp'"):
+        flow.region_weights("exp", region)
+
+
+def test_region_weighted_loss_scales_each_latent_and_logs_the_plain_loss():
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    error = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).expand(2, 1, 2, 2)
+    editor = lambda *args: error  # predicts a fixed velocity; the target velocity is 0
+    weight = torch.tensor([[[[2.0, 1.0], [1.0, 1.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    args = (editor, x0, noise, torch.full((2,), 0.5), None, None, None, None)
+    loss, logged = flow.training_loss(*args, region_weight=weight)
+    plain = (1 + 4 + 9 + 16) / 4
+    assert logged.tolist() == [plain, plain]
+    assert loss.item() == pytest.approx(((2 * 1 + 4 + 9 + 16) / 4 + plain) / 2)
+    assert flow.training_loss(*args)[0].item() == pytest.approx(plain)
+
+
+def test_changed_region_from_the_toy_mask_or_from_the_pixels_pooled_to_latents():
+    from PIL import Image
+
+    from editflow.data.regions import changed_region, latent_region
+    from editflow.data.toy import make_edit
+
+    edit = make_edit(2, seed=5)  # toy edits carry the exact changed region
+    from_mask = changed_region(edit.source, edit.target, edit.mask)
+    assert np.array_equal(from_mask, np.asarray(edit.mask) > 0)
+    source = Image.new("RGB", (16, 8), (200, 200, 200))
+    target = source.copy()
+    target.putpixel((5, 2), (200, 200, 100))  # a visible change
+    target.putpixel((12, 6), (203, 198, 201))  # below the threshold (JPEG-like noise)
+    region = changed_region(source, target)
+    assert region.shape == (8, 16) and region.sum() == 1 and region[2, 5]
+    latent = latent_region(torch.from_numpy(region)[None], (2, 4))  # 4x4-pixel cells
+    assert latent.shape == (1, 2, 4) and latent.sum() == 1 and latent[0, 0, 1]
+    with pytest.raises(ValueError, match="does not tile"):
+        latent_region(torch.from_numpy(region)[None], (3, 4))
+
+
+def test_image_batches_carry_the_region_when_asked():
+    from editflow.data.samples import EditSample
+    from editflow.data.stream import collate_images
+    from editflow.data.toy import make_edit
+
+    edits = [make_edit(i, seed=6) for i in range(2)]
+    samples = [EditSample(e.key, e.source, e.target, e.instruction, e.meta, e.mask) for e in edits]
+    samples[1].mask = None  # real data: the region comes from |source - target|
+    batch = collate_images(samples, (64, 64), regions=True)
+    assert batch["region"].shape == (2, 64, 64) and batch["region"].dtype == torch.bool
+    assert torch.equal(batch["region"][0], torch.from_numpy(np.asarray(edits[0].mask) > 0))
+    assert batch["region"][1].any() and batch["region"][1].float().mean() <= edits[1].meta["changed_fraction"]
+    assert "region" not in collate_images(samples, (64, 64))
+
+
+def test_pre_encoded_batches_use_the_stored_region_and_name_a_missing_one():
+    from editflow.data.encoded import EncodedSample
+    from editflow.data.regions import batch_region
+
+    region = torch.zeros(4, 4, dtype=torch.uint8)
+    region[1, 2] = 1
+    stored = EncodedSample("k0", "shard-0.tar", "make it red", {"target": torch.zeros(16, 4, 4), "region": region})
+    assert torch.equal(batch_region({"encoded": [stored]}, (4, 4)), region.bool()[None])
+    old = EncodedSample("k1", "shard-1.tar", "make it red", {"target": torch.zeros(16, 4, 4)})
+    with pytest.raises(KeyError, match="shard-1.tar, key k1: no region tensor.*Re-run `editflow encode`"):
+        batch_region({"encoded": [stored, old]}, (4, 4))

@@ -2,7 +2,8 @@
 
 A sample of an encoded shard holds `{key}.json` (the source sample's metadata
 plus the bucket it was encoded at) and `{key}.enc.safetensors` with
-`target` and `source` latents (`source` absent for text-to-image) and the
+`target` and `source` latents (`source` absent for text-to-image), the
+changed region at latent resolution (`region`, uint8, see data/regions.py) and the
 unpadded Qwen states: `states`, plus `states_drop_text|image|both` for the
 condition-dropout outcomes the encoding was asked for. Tensors keep the
 frozen models' own dtype, so training on them equals encoding on the fly.

@@ -32,6 +32,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
 from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
 from editflow.data.skips import SkipCounter
 from editflow.errors import ConfigError, DataError, EditflowError
@@ -91,10 +93,11 @@ def decode_in_bucket(raw: dict, bucket: tuple, source_pixels: int | None = None)
 
 
 def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | None = None,
-                   square_only: bool = False) -> dict:
+                   square_only: bool = False, regions: bool = False) -> dict:
     """Decoded samples of one bucket -> a batch: images fitted to the bucket (the source to its scaled
     bucket when `source_pixels` is set), as uint8 (B, 3, H, W) pixel batches (`FrozenEncoder.latents`
-    normalises them on the device) and, for Qwen, the same source pixels as PIL images."""
+    normalises them on the device) and, for Qwen, the same source pixels as PIL images. With `regions`,
+    also each sample's changed region at the target's size (`region`, (B, H, W) bool)."""
     sizes = fit_sizes(bucket, source_pixels)
     fit = resize_to_bucket
     if square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
@@ -102,7 +105,7 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
     targets = [fit(s.target, sizes["tgt"]) for s in samples]
     sources = [fit(s.source, sizes["src"]) if s.source is not None else None for s in samples]
     source = pixel_batch(sources) if all(s is not None for s in sources) else None
-    return {
+    batch = {
         "key": [s.key for s in samples],
         "instruction": [s.instruction for s in samples],
         "target": pixel_batch(targets),
@@ -110,6 +113,12 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
         "source_images": PixelImages(source, sources) if source is not None else [None] * len(samples),
         "text_to_image": [s is None for s in sources],
     }
+    if regions:  # the shard's mask when it has one, else |source - target|; all of a text-to-image target
+        batch["region"] = torch.from_numpy(np.stack([
+            np.ones((bucket[1], bucket[0]), dtype=bool) if s.source is None else
+            changed_region(fit(s.source, bucket), t, None if s.mask is None else fit(s.mask, bucket))
+            for s, t in zip(samples, targets)]))
+    return batch
 
 
 # What a sample read from the stream came to: None (usable) or the (reason, message) it was skipped for.
@@ -148,6 +157,7 @@ class BucketStream(IterableDataset):
         encoded: bool = False,
         text_key: Callable[[dict, tuple[int, int, bool]], int] | None = None,
         decode_threads: int = 0,
+        regions: bool = False,
     ):
         super().__init__()
         if not sets or any(not s.urls for s in sets):
@@ -161,6 +171,7 @@ class BucketStream(IterableDataset):
         # batches need no attention mask
         self.text_key = text_key
         self.decode_threads = decode_threads
+        self.regions = regions  # batches carry each sample's changed region (objective.region_weighting)
         self.skip_batches = 0  # set by the loader when resuming
         self.skips = SkipCounter(max_skip_rate, min_seen_for_skip_rate)
         self._fast_forward = False  # while true, shards are read for their json only
@@ -276,7 +287,7 @@ class BucketStream(IterableDataset):
     def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
         if self.encoded:
             return collate_encoded(samples)
-        return collate_images(samples, bucket[:2], self.source_pixels, self.square_only)
+        return collate_images(samples, bucket[:2], self.source_pixels, self.square_only, self.regions)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
