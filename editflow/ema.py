@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -25,6 +27,21 @@ class EMA:
         delta = torch._foreach_sub(current, self.shadow)
         torch._foreach_mul_(delta, weight.to(self.shadow[0].device) * (1.0 - self.decay))
         torch._foreach_add_(self.shadow, delta)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The model runs with the averaged weights inside the block (evaluation); its own come back after."""
+        params = dict(model.named_parameters())
+        saved = [params[n].detach().clone() for n in self.names]
+        with torch.no_grad():
+            for name, shadow in zip(self.names, self.shadow):
+                params[name].copy_(shadow)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, weights in zip(self.names, saved):
+                    params[name].copy_(weights)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: s.to("cpu").contiguous() for n, s in zip(self.names, self.shadow)}

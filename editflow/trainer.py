@@ -671,13 +671,18 @@ class Trainer:
             samples = self._val_samples
             self.editor.eval()
             pipe = self.pipeline()
-            result, edits = evaluate_guidances(
-                samples, lambda g: make_edit_fn(pipe, self.cfg.data.bucket_base, ecfg.steps, g, ecfg.seed),
-                guidance_values(ecfg.guidance), batch_size=ecfg.batch_size)
+            # with an EMA, the averaged weights are the ones evaluated (and the ones a checkpoint's ema.pt holds)
+            averaged = self.ema.applied(pipe.editor) if self.ema is not None else contextlib.nullcontext()
+            with averaged:
+                result, edits = evaluate_guidances(
+                    samples, lambda g: make_edit_fn(pipe, self.cfg.data.bucket_base, ecfg.steps, g, ecfg.seed),
+                    guidance_values(ecfg.guidance), batch_size=ecfg.batch_size)
             if not acc.is_main_process:
                 result = {}
         if result:
             result["step"] = self.step
+            if self.ema is not None:  # the scores are the averaged weights'
+                result["ema_decay"] = self.ema.decay
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
             scored = [s for s in samples if s.source is not None]  # `edits` has one image per scored sample
             picks = grid_picks(scored, ecfg.grid_rows)

@@ -76,3 +76,19 @@ def test_ema_skips_with_the_update():
     reference.shadow = before
     reference.update(model)
     assert all(torch.allclose(a, b) for a, b in zip(reference.shadow, ema.shadow))
+
+
+def test_ema_weights_are_applied_inside_the_block_and_the_trained_ones_come_back():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, 0.5)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # shadow = halfway between the start and the moved weights
+    moved = [p.detach().clone() for p in model.parameters()]
+    with ema.applied(model):
+        for p, start in zip(model.parameters(), trained):
+            torch.testing.assert_close(p, start + 0.5)
+    for p, weights in zip(model.parameters(), moved):
+        assert torch.equal(p, weights)
