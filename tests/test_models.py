@@ -43,6 +43,23 @@ def test_tiny_vae_decodes_toy_images_recognisably(tiny_models):
     assert mae < 0.03, f"tiny VAE reconstruction error {mae:.4f}"
 
 
+def test_tiny_vae_floor_is_below_copying_the_source_on_small_edits(tiny_models):
+    """A perfect latent must beat copy-the-source, or the default run could not: on `add`, the smallest
+    edits, the VAE's own reconstruction error has to stay below the copy's (0.013 at 64 px)."""
+    from editflow.data.samples import EditSample
+    from editflow.eval import edit_scores
+    from editflow.pipeline import tensor_to_pil
+
+    edits = [e for e in (make_edit(i, seed=7) for i in range(120)) if e.meta["task"] == "add"][:16]
+    images = torch.stack([image_tensor(e.target) for e in edits])
+    with torch.no_grad():
+        decoded = tensor_to_pil(tiny_models.codec.decode(tiny_models.codec.encode(images)))
+    samples = [EditSample(e.key, e.source, e.target, e.instruction, e.meta, e.mask) for e in edits]
+    floor = np.mean([edit_scores(d, s)["mae"] for d, s in zip(decoded, samples)])
+    copy = np.mean([edit_scores(s.source, s)["mae"] for s in samples])
+    assert floor < 0.9 * copy, f"VAE floor {floor:.4f} vs copy-the-source {copy:.4f} on add edits"
+
+
 def test_conditioner_drops_template_prefix_and_masks_padding(tiny_models):
     cond = tiny_models.conditioner
     edits = [make_edit(i, seed=1) for i in range(3)]
