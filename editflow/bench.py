@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from editflow import flow
-from editflow.config import compose, parse_with_overrides
+from editflow.config import compose
 from editflow.guard import NonFiniteGuard
 from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
                                    keep_trainable_in_fp32, torch_dtype)
@@ -244,45 +244,3 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
 def default_out(result: dict) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
     return RESULTS / f"{result['date']}-{slug}.json"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["data"]:
-        from editflow import bench_data
-
-        return bench_data.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="editflow bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("data", help="time the training data loader against a bare PIL decode loop and the pre-encoded "
-                                "reader (editflow bench data --help)")
-    train = sub.add_parser("train", help="time the training step (editflow vs the diffusers-example way)")
-    train.add_argument("--model", help="a conf/model config (default: the composed config's, tiny)")
-    train.add_argument("--resolution", type=int, default=64, help="square side in pixels (multiple of 16)")
-    train.add_argument("--batch", type=int, default=2)
-    train.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
-    train.add_argument("--warmup", type=int, default=2)
-    train.add_argument("--text-tokens", type=int, default=512, help="Qwen tokens per sample")
-    train.add_argument("--layers", type=int, help="double-stream blocks (default: the config's)")
-    train.add_argument("--single-layers", type=int, help="single-stream blocks (default: the config's)")
-    train.add_argument("--full-depth", action="store_true", help="ignore --layers/--single-layers")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the blocks of the editflow variant (default: on CUDA)")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--memory-cap-gb", type=float, help="cap this process's GPU memory (e.g. 24)")
-    train.add_argument("--only", choices=["editflow", "reference"])
-    train.add_argument("--out", help="result json (default: bench/results/<date>-<device>.json)")
-    args, overrides = parse_with_overrides(parser, argv)
-    if args.resolution % 16:
-        parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
-    result = run(args, overrides)
-    out = Path(args.out) if args.out else default_out(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"[bench] wrote {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

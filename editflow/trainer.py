@@ -21,7 +21,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from editflow import checkpoint as ckpt
 from editflow import flow
-from editflow.data.encoded import check_pre_encoded
+from editflow.data.preencoded import check_pre_encoded
 from editflow.data.loader import read_samples
 from editflow.data.regions import batch_region
 from editflow.data.skips import SkipCounter
@@ -30,7 +30,8 @@ from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.ema import EMA
 from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.errors import CheckpointError, DataError
-from editflow.eval import eval_metrics, evaluate_guidances, grid_picks, guidance_values, sample_grid
+from editflow.evaluation import (eval_metrics, evaluate_guidances, grid_picks, guidance_values, make_edit_fn,
+                                 sample_grid)
 from editflow.guard import NonFiniteGuard
 from editflow.throughput import count_step_flops, device_peak_tflops
 from editflow.models.attention import check_attention_backend
@@ -664,8 +665,6 @@ class Trainer:
         # ZeRO-3 gathers each layer's weights from all ranks as it runs: every rank must run the edits
         editing = acc.is_main_process or self._zero_stage() == 3
         if editing and self.val_urls and ecfg.num_samples:
-            from editflow.evaluate_cli import make_edit_fn
-
             if not hasattr(self, "_val_samples"):
                 self._val_samples = read_samples(self.val_urls, ecfg.num_samples)
             samples = self._val_samples
