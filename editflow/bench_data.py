@@ -107,13 +107,13 @@ def write_image_shards(directory: Path, sizes: list[tuple[int, int]], per_shard:
 def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(tokens, width) of each stored Qwen state: the source at Qwen's max_pixels plus the instruction, for
     the full condition and each dropout outcome the objective draws."""
-    from editflow.bench import _qwen_dim
     from editflow.data.preencoded import drawn_drops
     from editflow.encoding import states_field
+    from editflow.models.build import qwen_hidden_size
 
     image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
     tokens = {None: image_tokens + INSTRUCTION_TOKENS, "text": image_tokens + 8, "image": INSTRUCTION_TOKENS, "both": 8}
-    width = _qwen_dim(cfg.model.qwen.get("pretrained"))
+    width = qwen_hidden_size(cfg.model.qwen.get("pretrained"))
     return {states_field(d): (tokens[d], width) for d in [None, *drawn_drops(cfg.objective)]}
 
 

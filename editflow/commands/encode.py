@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     from editflow.errors import EditflowError, report
     from editflow.validate import validate
 
-    parser = argparse.ArgumentParser(prog="editflow encode", description=DESCRIPTION, usage="%(prog)s [hydra overrides]",
+    parser = argparse.ArgumentParser(prog="editflow encode", description=DESCRIPTION,
+                                     usage="%(prog)s [hydra overrides]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
