@@ -41,11 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.resolution % 16:
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
     result = bench.run(args, overrides)
-    out = Path(args.out) if args.out else bench.default_out(result)
+    out = write_result(result, Path(args.out) if args.out else bench.default_out(result))
+    print(f"[bench] wrote {out}", file=sys.stderr)
+
+
+def write_result(result: dict, out: Path) -> Path:
+    """The result json at `out`, and on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    print(f"[bench] wrote {out}", file=sys.stderr)
+    return out
 
 
 def bench_data_main(argv: list[str] | None = None) -> None:
@@ -80,10 +85,7 @@ def bench_data_main(argv: list[str] | None = None) -> None:
     if args.side % 16:
         parser.error(f"--side must be a multiple of 16, got {args.side}")
     result = bench_data.run(args, overrides)
-    out = Path(args.out) if args.out else bench_data.default_out(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    out = write_result(result, Path(args.out) if args.out else bench_data.default_out(result))
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
     workers, threads, cores = result["workers"], result["decode_threads"], result["cores_used"]
     how = f"{workers} worker process{'es' * (workers != 1)}" if workers else \

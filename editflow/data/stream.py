@@ -38,8 +38,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
-from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
 from editflow.data.skips import SkipCounter
