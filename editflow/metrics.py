@@ -59,18 +59,6 @@ class MetricsWindow:
         return stats
 
 
-def throughput(window: WindowStats, flops_per_step: int | None, global_batch: int, processes: int,
-               peak_tflops: float | None) -> dict[str, float]:
-    """TFLOP/s per device (the FLOPs of the counted step times the steps of the window) and MFU."""
-    if not flops_per_step:
-        return {}
-    steps = window.samples / max(1, global_batch)
-    record = {"tflops_per_s": flops_per_step * steps / max(window.seconds, 1e-9) / 1e12 / processes}
-    if peak_tflops:
-        record["mfu"] = record["tflops_per_s"] / peak_tflops
-    return record
-
-
 class RunLog:
     """The progress bar, `metrics.jsonl` (one JSON object per logged step, with at least `step` and `loss`)
     and the wandb run (logging.wandb), written by the main process."""

@@ -32,7 +32,7 @@ from editflow.errors import DataError
 from editflow.evaluation import (eval_metrics, evaluate_guidances, grid_picks, guidance_values, make_edit_fn,
                                  sample_grid)
 from editflow.guard import NonFiniteGuard
-from editflow.metrics import MetricsWindow, RunLog, throughput
+from editflow.metrics import MetricsWindow, RunLog
 from editflow.models.attention import check_attention_backend
 from editflow.models.build import build_frozen, build_models, compile_blocks, keep_trainable_in_fp32
 from editflow.models.connector_start import start_connector
@@ -40,7 +40,7 @@ from editflow.optim import build_optimizer, build_schedule
 from editflow.pipeline import EditPipeline, sample_guidance
 from editflow.preemption import Preemption
 from editflow.run_summary import PhaseTimer, summary
-from editflow.throughput import count_step_flops, device_peak_tflops
+from editflow.throughput import count_step_flops, device_peak_tflops, flop_rates
 from editflow.validate import check_world_size
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         tcfg = self.cfg.trainer
-        self.log = RunLog(self.accelerator, self.run_dir, self.cfg, self.step)
+        self.run_log = RunLog(self.accelerator, self.run_dir, self.cfg, self.step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.editor.train()
         start_step = self.step
         self.timer.begin("training steps")  # ended before the end-of-run work (checkpoint, evaluation)
         while self.step < tcfg.max_steps:
             grad_norm = self.train_step()
+            self.run_log.bar.update(1)
             last = self.step == tcfg.max_steps
             if self.step % tcfg.log_every == 0 or last:
                 self._log_step(grad_norm)
@@ -208,7 +209,7 @@ class Trainer:
                 self.editor.train()
             if self.preemption.should_stop(self.step - start_step) and not last:
                 return self._stop_early()
-        self.log.close()
+        self.run_log.close()
         self.timer.end()
         if self.step > start_step or self.checkpointer.latest() is None:
             self.save_checkpoint()
@@ -236,7 +237,6 @@ class Trainer:
         grad_norm = self._optimizer_step(loss_sum, keys)  # the last micro-batch synchronised the gradients
         self.progress.step += 1
         self.progress.samples_seen += self.cfg.trainer.global_batch_size
-        self.log.bar.update(1)
         return grad_norm
 
     def forward_backward(self, batch: dict, step_start: int):
@@ -325,13 +325,13 @@ class Trainer:
             "samples_per_s": window.samples_per_s,
             "samples_seen": self.progress.samples_seen,
             "skipped_steps": self.guard.skipped_steps,
-            **throughput(window, self.progress.flops_per_step, tcfg.global_batch_size, acc.num_processes,
-                         self.peak_tflops),
+            **flop_rates(self.progress.flops_per_step, window.samples / max(1, tcfg.global_batch_size),
+                         window.seconds, acc.num_processes, self.peak_tflops),
             **window.sigma_losses,
         }
         skipped = Counter(self._reading_skips) + Counter(self.encoder.skips.counts)  # reading + encoding
         record.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
-        self.log.write(record)
+        self.run_log.write(record)
 
     def save_checkpoint(self) -> Path | None:
         with self.timer("checkpoints"):
@@ -339,7 +339,7 @@ class Trainer:
 
     def _stop_early(self) -> dict:
         """A signal or trainer.stop_after: a checkpoint, and the PREEMPTED marker for the SLURM template."""
-        self.log.close()
+        self.run_log.close()
         self.timer.end()
         self.save_checkpoint()
         self.preemption.mark(self.step)
@@ -360,7 +360,7 @@ class Trainer:
             text = summary(self.run_dir, self.checkpointer.latest(), self._grid_path, result, self.timer.seconds,
                            steps, example)
             (self.run_dir / "summary.txt").write_text(text)
-        self.log.finish(result)
+        self.run_log.finish(result)
         if self.accelerator.is_main_process:  # the last thing on the terminal
             print((self.run_dir / "summary.txt").read_text(), flush=True)
         return result
@@ -407,10 +407,10 @@ class Trainer:
             grid = sample_grid(self._grid_rows, [edits[i] for i in picks])
             self._grid_path = self.run_dir / f"samples-step{self.step:07d}.png"
             grid.save(self._grid_path)
-            self.log.image("samples", grid, "source | target | edit", self.step)
+            self.run_log.image("samples", grid, "source | target | edit", self.step)
             primary = result["primary"]
             # logged with the next training record (metrics.jsonl rows always carry step and loss)
-            self.log.pending.update(eval_metrics(result))
+            self.run_log.pending.update(eval_metrics(result))
             log.info("eval: model %s=%.4f, copy-source baseline %.4f", primary, result["model"][primary],
                      result["baseline"][primary])
         acc.wait_for_everyone()

@@ -84,3 +84,25 @@ def test_state_that_does_not_fit_names_the_entry(tmp_path):
     other = torch.optim.AdamW([*model.parameters(), nn.Parameter(torch.ones(2))])
     with pytest.raises(CheckpointError, match="its optimizer state does not fit"):
         checkpointer(tmp_path, model, optimizer=other).restore([path])
+
+
+def test_per_rank_state_of_another_world_size_is_judged_by_its_object_or_passed_over(tmp_path):
+    """Required per-rank state (the data position) reaches the object, which refuses what does not fit;
+    optional per-rank state (the RNG) of another number of processes is not restored."""
+    import json
+
+    model = nn.Linear(3, 2)
+    saver = checkpointer(tmp_path, model)
+    saver.register("position", Counter(7), json=True, per_rank=True)
+    saver.register("noise", Counter(8), per_rank=True, optional=True)
+    path = saver.save(1)
+    state = json.loads((path / "train_state.json").read_text())
+    state["position"] = [{"value": 5}, {"value": 6}]  # as written by two processes
+    (path / "train_state.json").write_text(json.dumps(state))
+    torch.save([{"value": 1}, {"value": 2}], path / "noise.pt")
+    position, noise = Counter(), Counter()
+    restorer = checkpointer(tmp_path, model)
+    restorer.register("position", position, json=True, per_rank=True)
+    restorer.register("noise", noise, per_rank=True, optional=True)
+    restorer.restore([path])
+    assert position.value == 5 and noise.value == 0

@@ -103,7 +103,7 @@ def convert(args: argparse.Namespace) -> None:
         options.update(source_key=args.source_key, target_key=args.target_key,
                        instruction_key=args.instruction_key, id_key=args.id_key, dataset=args.dataset)
     manifest = convert_dataset(args.format, inputs, args.out, args.samples_per_shard, args.workers, rules,
-                       memory_budget=parse_size(args.memory_budget), tokens=budget, **options)
+                               memory_budget=parse_size(args.memory_budget), tokens=budget, **options)
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {args.out} (listed in "
           f"manifest.json; `editflow data verify {args.out}` checks them)")
     print(f"{manifest['num_rejected']} records rejected -> {os.path.join(args.out, 'rejects.jsonl')}")
