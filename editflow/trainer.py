@@ -96,6 +96,7 @@ class Trainer:
         self.window = MetricsWindow(acc.device)
         self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
         self.preemption = Preemption(acc, self.run_dir, tcfg.get("stop_after"))
+        self.region_weighting = cfg.objective.get("region_weighting", "none")
         self.batches = self._build_loader(sets, pre_encoded, editor.text_pad_multiple)
         self._reading_skips: dict[str, int] = {}  # the loader's skip counts, as of the latest batch
         self._grid_rows, self._grid_path = [], None  # the latest sample grid (end-of-run summary)
@@ -177,7 +178,6 @@ class Trainer:
     def _build_loader(self, sets: list, pre_encoded: bool, text_multiple: int) -> ResumableLoader:
         acc, dcfg, tcfg = self.accelerator, self.cfg.data, self.cfg.trainer
         length = None if self.conditioner is None else self.conditioner.sequence_length  # pre-encoded: in the json
-        self.region_weighting = self.cfg.objective.get("region_weighting", "none")
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
             shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
