@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from editflow import flow
-from editflow.config import compose, parse_with_overrides
+from editflow.config import compose
 from editflow.guard import NonFiniteGuard
-from editflow.models.build import (ASSETS, build_connector, compile_blocks, configure_transformer,
-                                   keep_trainable_in_fp32, torch_dtype)
+from editflow.models.build import (ASSETS, build_editor, compile_blocks, configure_transformer, keep_trainable_in_fp32,
+                                   qwen_hidden_size, torch_dtype)
 from editflow.models.editor import KontextEditor
-from editflow.throughput import device_peak_tflops
+from editflow.optim import build_optimizer
+from editflow.throughput import count_step_flops, device_peak_tflops
 
 RESULTS = Path("bench") / "results"  # relative to where the command runs (the repo root in the README)
 
@@ -62,15 +63,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _qwen_dim(qwen_path: str) -> int:
-    """Hidden size of the conditioner from its config (local dir), else Qwen2.5-VL-7B's."""
-    config = Path(qwen_path or "") / "config.json"
-    if not config.exists():
-        config = ASSETS / "configs" / "qwen2.5-vl-7b-instruct.json"
-    data = json.loads(config.read_text())
-    return data.get("text_config", data).get("hidden_size", data.get("hidden_size"))
-
-
 def transformer_config(model_cfg, layers: int | None, single_layers: int | None) -> dict:
     """The architecture only: the config's own, or the published FLUX.1-Kontext-dev one for a hub model."""
     from omegaconf import OmegaConf
@@ -88,18 +80,18 @@ def transformer_config(model_cfg, layers: int | None, single_layers: int | None)
     return config
 
 
-def build_editor(cfg, arch: dict, device: torch.device, reference: bool) -> KontextEditor:
+def random_editor(cfg, arch: dict, device: torch.device, reference: bool) -> KontextEditor:
+    """The editor training builds (models/build.py), with the architecture `arch`, random weights made in
+    place on `device` (a 12B model is not built on the CPU first), and nothing loaded."""
     from diffusers import FluxTransformer2DModel
     from omegaconf import OmegaConf
 
     mcfg = OmegaConf.merge(cfg.model, {"attention_backend": "native"} if reference else {})
-    dtype = torch_dtype(mcfg.get("dtype", "float32"))
     torch.manual_seed(0)
-    with torch.device(device):  # initialise in place: a 12B model is not built on the CPU first
-        transformer = FluxTransformer2DModel(**arch).to(dtype)
-    backends = configure_transformer(transformer, mcfg, training=True)
-    connector = build_connector(mcfg.connector, _qwen_dim(mcfg.qwen.get("pretrained")), transformer)
-    editor = KontextEditor(transformer, connector.to(device, dtype), attention_backend=backends)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**arch).to(torch_dtype(mcfg.get("dtype", "float32")))
+    plan = configure_transformer(transformer, mcfg, training=True)
+    editor = build_editor(mcfg, transformer, plan, qwen_hidden_size(mcfg.qwen.get("pretrained")))
     keep_trainable_in_fp32(editor, mcfg)
     return editor.train()
 
@@ -118,21 +110,19 @@ def synthetic_batch(editor: KontextEditor, batch: int, resolution: int, text_tok
     return x0, noise, sigmas, source, states, mask, torch.ones(batch, device=device)
 
 
-def build_optimizer(editor: KontextEditor, cfg, reference: bool) -> torch.optim.Optimizer:
-    from editflow.trainer import build_optimizer as trainer_optimizer
-
+def make_optimizer(editor: KontextEditor, cfg, reference: bool) -> torch.optim.Optimizer:
     params = [p for p in editor.parameters() if p.requires_grad]
     if reference:  # torch's default AdamW (foreach, unfused), as in diffusers' example
         return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                  weight_decay=cfg.optim.weight_decay)
-    return trainer_optimizer(params, cfg.optim)
+    return build_optimizer(params, cfg.optim)
 
 
 def time_variant(cfg, arch: dict, args, device: torch.device, reference: bool, peak: float) -> dict:
-    editor = build_editor(cfg, arch, device, reference)
+    editor = random_editor(cfg, arch, device, reference)
     if not reference and args.compile:
         compile_blocks(editor.transformer)
-    optimizer = build_optimizer(editor, cfg, reference)
+    optimizer = make_optimizer(editor, cfg, reference)
     inputs = synthetic_batch(editor, args.batch, args.resolution, args.text_tokens, device)
     params = [p for p in editor.parameters() if p.requires_grad]
     # editflow's trainer skips a non-finite update (on the device with fused AdamW): timed with the step
@@ -149,14 +139,9 @@ def time_variant(cfg, arch: dict, args, device: torch.device, reference: bool, p
             loss.item()  # the example logs the loss every step: one host sync per step
         return loss
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     for _ in range(args.warmup):
         step()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
+    _, flops = count_step_flops(step)  # as training counts its step
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,10 +165,6 @@ def time_variant(cfg, arch: dict, args, device: torch.device, reference: bool, p
         "compiled": bool(not reference and args.compile),
         "optimizer": type(optimizer).__name__ + ("" if reference else f"(fused={_fused(optimizer)})"),
     }
-    del editor, optimizer, inputs
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -236,6 +217,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         if args.only in (None, variant):
             print(f"[bench] timing {variant} ...", file=sys.stderr)
             result[variant] = time_variant(cfg, arch, args, device, variant == "reference", peak)
+            gc.collect()  # the variant's model and optimizer, before the next one is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if "editflow" in result and "reference" in result:
         result["speedup"] = result["editflow"]["samples_per_s"] / result["reference"]["samples_per_s"]
     return result
@@ -244,45 +228,3 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
 def default_out(result: dict) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
     return RESULTS / f"{result['date']}-{slug}.json"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["data"]:
-        from editflow import bench_data
-
-        return bench_data.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="editflow bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("data", help="time the training data loader against a bare PIL decode loop and the pre-encoded "
-                                "reader (editflow bench data --help)")
-    train = sub.add_parser("train", help="time the training step (editflow vs the diffusers-example way)")
-    train.add_argument("--model", help="a conf/model config (default: the composed config's, tiny)")
-    train.add_argument("--resolution", type=int, default=64, help="square side in pixels (multiple of 16)")
-    train.add_argument("--batch", type=int, default=2)
-    train.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
-    train.add_argument("--warmup", type=int, default=2)
-    train.add_argument("--text-tokens", type=int, default=512, help="Qwen tokens per sample")
-    train.add_argument("--layers", type=int, help="double-stream blocks (default: the config's)")
-    train.add_argument("--single-layers", type=int, help="single-stream blocks (default: the config's)")
-    train.add_argument("--full-depth", action="store_true", help="ignore --layers/--single-layers")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the blocks of the editflow variant (default: on CUDA)")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--memory-cap-gb", type=float, help="cap this process's GPU memory (e.g. 24)")
-    train.add_argument("--only", choices=["editflow", "reference"])
-    train.add_argument("--out", help="result json (default: bench/results/<date>-<device>.json)")
-    args, overrides = parse_with_overrides(parser, argv)
-    if args.resolution % 16:
-        parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
-    result = run(args, overrides)
-    out = Path(args.out) if args.out else default_out(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"[bench] wrote {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

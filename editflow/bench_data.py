@@ -107,20 +107,20 @@ def write_image_shards(directory: Path, sizes: list[tuple[int, int]], per_shard:
 def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(tokens, width) of each stored Qwen state: the source at Qwen's max_pixels plus the instruction, for
     the full condition and each dropout outcome the objective draws."""
-    from editflow.bench import _qwen_dim
-    from editflow.data.encoded import drawn_drops
+    from editflow.data.preencoded import drawn_drops
     from editflow.encoding import states_field
+    from editflow.models.build import qwen_hidden_size
 
     image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
     tokens = {None: image_tokens + INSTRUCTION_TOKENS, "text": image_tokens + 8, "image": INSTRUCTION_TOKENS, "both": 8}
-    width = _qwen_dim(cfg.model.qwen.get("pretrained"))
+    width = qwen_hidden_size(cfg.model.qwen.get("pretrained"))
     return {states_field(d): (tokens[d], width) for d in [None, *drawn_drops(cfg.objective)]}
 
 
 def write_encoded_shards(directory: Path, sizes: list[tuple[int, int]], per_shard: int, cfg, seed: int) -> list[str]:
     """What `editflow encode` would store for the image shards, with random tensors of the real shapes."""
     from editflow.data.buckets import nearest_bucket
-    from editflow.data.encoded import encoded_sample
+    from editflow.data.preencoded import encoded_sample
     from editflow.data.stream import fit_sizes
     from editflow.models.build import torch_dtype
 
@@ -349,56 +349,3 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
 def default_out(result: dict) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
     return RESULTS / f"{result['date']}-data-{slug}.json"
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="editflow bench data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Hydra overrides (key=value) choose the loader's settings: "
-                                            "data.decode_threads, data.num_workers, data.bucket_base, "
-                                            "data.source_pixels, "
-                                            "trainer.micro_batch_size, model=... (encoded shapes), experiment=...")
-    parser.add_argument("--pairs", type=int, default=96, help="JPEG pairs written (default 96)")
-    parser.add_argument("--side", type=int, default=1024, help="short side of the pairs in pixels (default 1024)")
-    parser.add_argument("--samples", type=int, default=128, help="pairs timed per measurement (default 128)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--shuffle-buffer", type=int, default=16,
-                        help="cap on the loader's shuffle buffer (default 16): the buffer decides the order and the "
-                             "start-up, not the rate, and a full one of 1024-px pairs holds GBs per worker")
-    parser.add_argument("--samples-per-shard", type=int, default=8)
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also profile the one-thread loader and record its top N functions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="where the temporary data goes (default: the system's temp dir)")
-    parser.add_argument("--out", help="result json (default: bench/results/<date>-data-<device>.json)")
-    args, overrides = parser.parse_known_args(argv)
-    args.argv = argv
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (Hydra overrides look like key=value)")
-    for name in ("pairs", "side", "samples", "rounds", "samples_per_shard", "shuffle_buffer"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.side % 16:
-        parser.error(f"--side must be a multiple of 16, got {args.side}")
-    result = run(args, overrides)
-    out = Path(args.out) if args.out else default_out(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
-    workers, threads, cores = result["workers"], result["decode_threads"], result["cores_used"]
-    how = f"{workers} worker process{'es' * (workers != 1)}" if workers else \
-        f"{threads} decode thread{'s' * (threads != 1)}"
-    how += f", {cores} at a time on the {result['cpu']} usable CPUs" if cores < max(workers, threads) else ""
-    print(f"[bench] per CPU-second: training loader {cpu_s['loader']:.1f} pairs ({how}), bare "
-          f"PIL decode {cpu_s['decode']:.1f}: {ratio['median']:.2f}x per core (rounds {ratio['min']:.2f}-"
-          f"{ratio['max']:.2f}; target >= {TARGET_RATIO}); in one thread "
-          f"{result['ratio_one_thread']['median']:.2f}x. "
-          f"Wall clock: loader {result['loader_samples_per_s']:.1f} pairs/s, bare decode "
-          f"{result['decode_samples_per_s']:.1f}, pre-encoded reader {result['encoded_samples_per_s']:.1f}. "
-          f"Results: {out}", file=sys.stderr)
-
-if __name__ == "__main__":
-    main()

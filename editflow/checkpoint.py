@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import socket
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -106,15 +109,6 @@ def commit(tmp: Path, step: int, keep_last: int | None = None) -> Path:
         for old in complete_checkpoints(tmp.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, extra: dict[str, object],
-                    train_state: dict, keep_last: int | None = None) -> Path:
-    """One process writes everything, atomically (the trainer composes stage/write/commit itself so that
-    DeepSpeed's sharded state can be written by every rank in between)."""
-    tmp = stage(root, step)
-    write(tmp, step, trainable_state(model), extra, train_state)
-    return commit(tmp, step, keep_last)
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -230,28 +224,21 @@ def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike,
     model.load_state_dict(state, strict=False)
 
 
-def rng_state() -> dict:
-    """Every random generator a training step draws from, for an exact resume."""
-    import random
+class ProcessRNG:
+    """Every random generator a training step draws from (this process's), for an exact resume."""
 
-    import numpy as np
+    def state_dict(self) -> dict:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_extra(checkpoint: str | os.PathLike, name: str):
@@ -260,3 +247,48 @@ def load_extra(checkpoint: str | os.PathLike, name: str):
 
 def load_train_state(checkpoint: str | os.PathLike) -> dict:
     return json.loads((Path(checkpoint) / "train_state.json").read_text())
+
+
+def check_writable(root: Path, run_dir: Path, rank: int) -> None:
+    """Checkpoints go under the run directory: a directory that cannot take them fails now, not at the
+    first save hours later."""
+    probe = root / f".write-test-{socket.gethostname()}-{rank}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"the run directory {run_dir} cannot hold checkpoints ({err}); give a writable "
+                              "hydra.run.dir") from None
+
+
+def resume_candidates(resume: str | None, root: Path, model_cfg) -> list[Path]:
+    """The checkpoints trainer.resume may continue from, newest first: `auto` (this run's under `root`), a run
+    directory or one checkpoint; checked against this run's model config before any model loads."""
+    if not resume:
+        return []
+    path = root if resume == "auto" else Path(resume).expanduser()
+    if resume != "auto" and is_checkpoint(path):
+        candidates = [path]
+    else:
+        root = path if resume == "auto" else path / "checkpoints"
+        if resume != "auto" and not root.is_dir():
+            raise CheckpointError(f"trainer.resume={resume}: not a checkpoint (model.safetensors + "
+                                  "train_state.json) nor a run directory with checkpoints/")
+        candidates = complete_checkpoints(root)[::-1]
+        if not candidates:
+            if resume != "auto":
+                raise CheckpointError(f"trainer.resume={resume}: no complete checkpoint in {root}{unfinished(root)}")
+            log.info("trainer.resume=auto: no complete checkpoint in %s%s; starting at step 0", root, unfinished(root))
+    for candidate in candidates:  # the newest readable record of the config decides
+        try:
+            saved = load_train_state(candidate)["config"]
+        except (OSError, ValueError, KeyError):
+            continue  # damaged: skipped, with the reason, when loading
+        mismatch = config_mismatch(saved, model_cfg)
+        if mismatch:
+            raise CheckpointError(f"trainer.resume={resume}: {candidate} was trained with another model config "
+                                  f"({'; '.join(mismatch)}); resume with that run's settings or start a new run "
+                                  "directory")
+        break
+    return candidates

@@ -196,7 +196,7 @@ def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count:
     """Qwen states (padded, with their mask) of the first `count` usable training samples, for calibrating a
     fresh connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images.
     Samples and shards that training would skip are skipped here too."""
-    from editflow.data.encoded import decode_encoded
+    from editflow.data.preencoded import decode_encoded
     from editflow.data.loader import SHARD_ERRORS, iter_tar
     from editflow.data.samples import SampleError, decode_sample
 

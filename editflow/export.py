@@ -16,7 +16,6 @@ conditioner, and `EditPipeline.to_diffusers()` hands the same modules to diffuse
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from editflow.errors import EditflowError, report
+from editflow.errors import EditflowError
 from editflow.model_paths import EXPORT_FILE, LORA_FILE, resolve_checkpoint
 
 COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-original keys
@@ -191,23 +190,3 @@ image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=
                 guidance_scale={guidance}).images[0]  # this model's sampling guidance, not the pipeline's default
 ```
 """
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="editflow export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a run directory (newest checkpoint) or a checkpoint directory")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="a LoRA run: fold the adapter into the weights and export a full transformer")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
-    args = parser.parse_args(argv)
-    try:
-        out = export(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
-    except (EditflowError, FileNotFoundError) as err:
-        report("export", err, code=2)
-    print(f"exported {args.source} -> {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -37,6 +37,14 @@ class NonFiniteGuard:
     def skipped_steps(self) -> int:
         return int(self.skipped.item())
 
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        skipped = state.get("skipped_steps", 0)  # absent from checkpoints of runs before the guard
+        self.skipped.fill_(skipped)
+        self.reported = skipped
+
     def verdict(self, finite: torch.Tensor, step: int, keys: list[str]) -> bool:
         """Record optimizer step `step`'s verdict (`finite`: 1.0, or 0.0 when the loss or gradient norm of
         any rank was not finite). Returns whether to apply the update: sync-free, always (the fused kernel

@@ -1,4 +1,5 @@
-"""VLM judges of edit quality (GEdit-Bench / ImgEdit style), behind one small interface.
+"""VLM judges of edit quality (GEdit-Bench / ImgEdit style): `JUDGES` maps `editflow eval --judge` names to
+classes with `from_pretrained` and `score`.
 
 A judge scores (source, edited, instruction) -> {name: value}. `QwenVLJudge` asks a local
 Qwen2.5-VL for a semantic-consistency score (does the edit follow the instruction?) and a
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Protocol
 
 import torch
 from PIL import Image
@@ -23,12 +23,6 @@ PROMPT = (
     "everything else (SC), and from 0 to 10 its visual quality (PQ). Answer exactly as: SC=<number> PQ=<number>"
 )
 SCORE = re.compile(r"\b(SC|PQ)\s*[=:]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-class EditJudge(Protocol):
-    name: str
-
-    def score(self, source: Image.Image, edited: Image.Image, instruction: str) -> dict[str, float]: ...
 
 
 def parse_scores(text: str) -> dict[str, float]:

@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import string
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from editflow.config import CONFIG_DIR, parse_with_overrides
+from editflow.config import CONFIG_DIR
 from editflow.config import compose as compose_config
-from editflow.errors import report
 
 TEMPLATES = CONFIG_DIR.parent / "launch" / "slurm"
 ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
@@ -53,41 +49,3 @@ def render(args: argparse.Namespace, overrides: list[str]) -> str:
         "overrides": " ".join(shlex.quote(o) for o in overrides), "extra_sbatch": "\n".join(extra),
     }
     return string.Template((TEMPLATES / template).read_text()).substitute(values)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="editflow slurm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-task", type=int, default=64)
-    parser.add_argument("--time", default="48:00:00")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--job-name", default="editflow")
-    parser.add_argument("--run-dir", default=f"runs/slurm-{time.strftime('%Y%m%d-%H%M%S')}")
-    parser.add_argument("--workdir", default=str(Path.cwd()))
-    parser.add_argument("--setup", default="source .venv/bin/activate 2>/dev/null || true",
-                        help="shell lines run before training (modules, venv, env vars)")
-    parser.add_argument("--signal-lead", type=int, default=300, help="seconds before the limit to checkpoint")
-    parser.add_argument("--accelerate-config", help="default: launch/accelerate/<launcher.accelerate_config>")
-    parser.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    args, overrides = parse_with_overrides(parser, argv)
-    try:
-        script = render(args, overrides)
-    except Exception as err:  # noqa: BLE001 - config errors are reported, not traced
-        report("slurm", err, code=2)
-    if args.dry_run:
-        print(script)
-        return
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "job.sbatch"
-    path.write_text(script)
-    subprocess.run(["sbatch", str(path)], check=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -24,3 +24,15 @@ def count_step_flops(step_fn) -> tuple[object, int]:
     with counter:
         result = step_fn()
     return result, counter.get_total_flops()
+
+
+def flop_rates(flops_per_step: int | None, steps: float, seconds: float, processes: int,
+               peak_tflops: float | None) -> dict[str, float]:
+    """`tflops_per_s` per device over `steps` optimizer steps of the counted step's FLOPs, and `mfu` against
+    the device's peak where it is known."""
+    if not flops_per_step:
+        return {}
+    rates = {"tflops_per_s": flops_per_step * steps / max(seconds, 1e-9) / 1e12 / processes}
+    if peak_tflops:
+        rates["mfu"] = rates["tflops_per_s"] / peak_tflops
+    return rates

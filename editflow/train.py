@@ -1,57 +1,9 @@
-"""`editflow train` / `python -m editflow.train` / `accelerate launch -m editflow.train`: one Hydra app."""
+"""`python -m editflow.train` / `accelerate launch -m editflow.train`: the `editflow train` Hydra app
+(editflow/commands/train.py). conf/config.yaml names `editflow.train.RunDirectoryCheck` as a Hydra callback."""
 
-from __future__ import annotations
+from editflow.commands.train import RunDirectoryCheck, main
 
-import logging
-import os
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-
-from editflow import quiet
-
-quiet.install()  # before editflow.config imports diffusers, whose import emits the notices
-from editflow.config import CONFIG_DIR, register_resolvers  # noqa: E402
-from editflow.errors import ConfigError, report  # noqa: E402
-
-register_resolvers()
-
-
-class RunDirectoryCheck(Callback):
-    """Hydra creates the run directory before the app starts, and fails with a traceback where it cannot:
-    this check (conf/config.yaml, hydra.callbacks) says so in one paragraph first."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-        parent = next(p for p in [run_dir, *run_dir.parents] if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            report("train", ConfigError(f"hydra.run.dir={run_dir}: cannot create the run directory ({parent} is "
-                                        "not a writable directory); give another hydra.run.dir"))
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from editflow.errors import EditflowError
-    from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
-    from editflow.validate import validate
-
-    run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        OmegaConf.resolve(cfg)
-        validate(cfg)  # bad values fail here, before any model loads
-        OmegaConf.save(cfg, f"{run_dir}/config.yaml")
-        logging.getLogger(__name__).info("run directory: %s", run_dir)
-        trainer = Trainer(cfg, run_dir)  # data, run directory and checkpoint checks come before the models
-        trainer.train()
-    except EditflowError as err:  # bad input: one paragraph, no traceback
-        report("train", err)
-    if trainer.preempted:  # the SLURM template requeues the job on this exit code
-        sys.exit(int(cfg.trainer.preempt_exit_code))
-
+__all__ = ["RunDirectoryCheck", "main"]
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ import torch.nn.attention.varlen
 from diffusers.models import attention_dispatch
 from omegaconf import OmegaConf
 
-from editflow.data.encoded import EncodedSample
+from editflow.data.preencoded import EncodedSample
 from editflow.data.shards import shard_urls
 from editflow.data.stream import BucketStream, ShardSet
 from editflow.data.toy import make_edit

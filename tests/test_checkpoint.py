@@ -1,13 +1,34 @@
 import pytest
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from editflow import checkpoint as ckpt
+from editflow.checkpointer import Checkpointer
 from editflow.errors import CheckpointError
 
 
-def save(root, step, model, **extra):
-    return ckpt.save_checkpoint(root, step, model, extra=extra or {"optimizer": {"x": 1}}, train_state={"step": step})
+class Counter:
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def checkpointer(root, model, keep_last=None, **entries):
+    """The training run's own save/restore path, on one process."""
+    saver = Checkpointer(root, Accelerator(cpu=True), model, sharded=False, keep_last=keep_last, config={})
+    for name, obj in entries.items():
+        saver.register(name, obj)
+    return saver
+
+
+def save(root, step, model, **entries):
+    return checkpointer(root, model, **(entries or {"counter": Counter(step)})).save(step)
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
@@ -18,24 +39,26 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_as_latest(tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full.*newest complete checkpoint is .*step-0000010"):
         save(tmp_path, 20, model)
     monkeypatch.undo()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000010"
-    assert (tmp_path / "step-0000020.tmp").exists()  # the half-written save is not a checkpoint
-    save(tmp_path, 20, model)  # the next save of that step replaces the leftovers
+    assert not (tmp_path / "step-0000020.tmp").exists()  # the half-written save is removed, not a checkpoint
+    (tmp_path / "step-0000020.tmp").mkdir()  # a crashed process's leftovers: the next save of that step replaces them
+    save(tmp_path, 20, model)
     assert ckpt.latest_checkpoint(tmp_path).name == "step-0000020" and not (tmp_path / "step-0000020.tmp").exists()
 
 
-def test_keep_last_and_weights_round_trip(tmp_path):
+def test_keep_last_and_a_round_trip_of_weights_and_registered_state(tmp_path):
     model = nn.Linear(3, 2)
     for step in (1, 2, 3, 4):
         with torch.no_grad():
             model.weight.fill_(step)
-        ckpt.save_checkpoint(tmp_path, step, model, extra={}, train_state={"step": step}, keep_last=2)
+        checkpointer(tmp_path, model, keep_last=2, counter=Counter(step * 10)).save(step)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-0000003", "step-0000004"]
-    fresh = nn.Linear(3, 2)
-    ckpt.load_model_weights(fresh, ckpt.latest_checkpoint(tmp_path))
+    fresh, counter = nn.Linear(3, 2), Counter()
+    path = checkpointer(tmp_path, fresh, counter=counter).restore(ckpt.complete_checkpoints(tmp_path)[::-1])
+    assert path.name == "step-0000004" and counter.value == 40
     assert torch.equal(fresh.weight, torch.full((2, 3), 4.0)) and torch.equal(fresh.bias, model.bias)
 
 
@@ -50,3 +73,36 @@ def test_loading_into_the_wrong_model_names_the_tensors(tmp_path):
     path = save(tmp_path, 1, nn.Linear(3, 2))
     with pytest.raises(CheckpointError, match="no parameter"):
         ckpt.load_model_weights(nn.Sequential(nn.Linear(3, 2)), path)
+
+
+def test_state_that_does_not_fit_names_the_entry(tmp_path):
+    model = nn.Linear(3, 2)
+    saved = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    saved.step()
+    path = checkpointer(tmp_path, model, optimizer=saved).save(1)
+    other = torch.optim.AdamW([*model.parameters(), nn.Parameter(torch.ones(2))])
+    with pytest.raises(CheckpointError, match="its optimizer state does not fit"):
+        checkpointer(tmp_path, model, optimizer=other).restore([path])
+
+
+def test_per_rank_state_of_another_world_size_is_judged_by_its_object_or_passed_over(tmp_path):
+    """Required per-rank state (the data position) reaches the object, which refuses what does not fit;
+    optional per-rank state (the RNG) of another number of processes is not restored."""
+    import json
+
+    model = nn.Linear(3, 2)
+    saver = checkpointer(tmp_path, model)
+    saver.register("position", Counter(7), json=True, per_rank=True)
+    saver.register("noise", Counter(8), per_rank=True, optional=True)
+    path = saver.save(1)
+    state = json.loads((path / "train_state.json").read_text())
+    state["position"] = [{"value": 5}, {"value": 6}]  # as written by two processes
+    (path / "train_state.json").write_text(json.dumps(state))
+    torch.save([{"value": 1}, {"value": 2}], path / "noise.pt")
+    position, noise = Counter(), Counter()
+    restorer = checkpointer(tmp_path, model)
+    restorer.register("position", position, json=True, per_rank=True)
+    restorer.register("noise", noise, per_rank=True, optional=True)
+    restorer.restore([path])
+    assert position.value == 5 and noise.value == 0

@@ -158,7 +158,7 @@ def test_hydra_overrides_stand_anywhere_on_a_command_line(capsys):
 
 
 def test_encode_has_help_and_rejects_unknown_flags(capsys):
-    from editflow.preencode import main
+    from editflow.commands.encode import main
 
     with pytest.raises(SystemExit) as info:
         main(["--help"])

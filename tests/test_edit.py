@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from editflow.data.toy import make_edit
-from editflow.edit import main as edit_main
+from editflow.commands.edit import main as edit_main
 from editflow.models.packing import image_ids
 
 

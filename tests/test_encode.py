@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from editflow.config import compose
-from editflow.data.encoded import TENSORS_EXT, check_pre_encoded, decode_encoded
+from editflow.data.preencoded import TENSORS_EXT, check_pre_encoded, decode_encoded
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
 from editflow.data.sources import train_sets
@@ -145,7 +145,7 @@ def rewrite_first_member(shard, suffix: str, change) -> None:
 
 def test_encode_resumes_keeps_finished_shards_and_rejects_bad_samples(tmp_path):
     from editflow.data.toy_shards import write_toy_shards
-    from editflow.preencode import encode
+    from editflow.encode_shards import encode
 
     src = write_toy_shards(tmp_path / "src", 6, samples_per_shard=3, progress=False)
     rewrite_first_member(src / "toy-000000.tar", ".tgt.png", lambda data: b"not a png")

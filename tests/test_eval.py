@@ -3,7 +3,7 @@ import pytest
 
 from editflow.data.samples import EditSample
 from editflow.data.toy import make_edit
-from editflow.eval import evaluate, grid_picks, sample_grid
+from editflow.evaluation import evaluate, grid_picks, sample_grid
 
 
 def _sample(i):
@@ -88,7 +88,7 @@ def stand_in_checkpoint(tmp_path, monkeypatch):
 
 
 def eval_error(capsys, *args):
-    from editflow.evaluate_cli import main
+    from editflow.commands.eval import main
 
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in args])

@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxKontextPipeline
 
 from editflow.data.toy import make_edit
-from editflow.edit import main as edit_main
+from editflow.commands.edit import main as edit_main
 from editflow.export import export
 from editflow.pipeline import EditPipeline
 

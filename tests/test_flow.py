@@ -167,7 +167,7 @@ def test_image_batches_carry_the_region_when_asked():
 
 
 def test_pre_encoded_batches_use_the_stored_region_and_name_a_missing_one():
-    from editflow.data.encoded import EncodedSample
+    from editflow.data.preencoded import EncodedSample
     from editflow.data.regions import batch_region
 
     region = torch.zeros(4, 4, dtype=torch.uint8)

@@ -91,7 +91,7 @@ def dry(monkeypatch):
     import editflow.bench
     import editflow.bench_data
     import editflow.pipeline
-    import editflow.preencode
+    import editflow.encode_shards
     import editflow.trainer
 
     class DryTrainer:
@@ -122,7 +122,7 @@ def dry(monkeypatch):
         if command == "train":  # Hydra parses, composes and validates; the trainer does nothing
             monkeypatch.setattr(editflow.trainer, "Trainer", DryTrainer)
         elif command == "encode":
-            monkeypatch.setattr(editflow.preencode, "encode", lambda cfg: Path(str(cfg.encode.out)))
+            monkeypatch.setattr(editflow.encode_shards, "encode", lambda cfg: Path(str(cfg.encode.out)))
         elif command == "bench":  # composes and builds the config; times nothing
             monkeypatch.setattr(editflow.bench, "time_variant", lambda *args: {"samples_per_s": 1.0})
             monkeypatch.setattr(editflow.bench, "measure_peak_tflops", lambda *args: 1.0)

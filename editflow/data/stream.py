@@ -38,8 +38,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
-from editflow.data.encoded import collate_encoded, decode_encoded
 from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
 from editflow.data.skips import SkipCounter
@@ -53,7 +53,7 @@ class ShardSet:
     name: str
     urls: list[str]
     weight: float = 1.0
-    encoding: dict | None = None  # pre-encoded shards: the manifest's record of how (data/encoded.py)
+    encoding: dict | None = None  # pre-encoded shards: the manifest's record of how (data/preencoded.py)
 
 
 def refetch(raw: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -183,18 +184,35 @@ def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_ad
     unless `lora_adapter=False` (an exported LoRA file is then loaded by diffusers' own loader).
     Given `qwen_dim` (training on pre-encoded data), Qwen and the VAE are not loaded: `build_frozen`
     makes them when they are needed."""
-    weights_dtype = torch_dtype(cfg.get("dtype", "float32"))
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
-    transformer = build_transformer(cfg.transformer, weights_dtype)
+    transformer = build_transformer(cfg.transformer, torch_dtype(cfg.get("dtype", "float32")))
     plan = configure_transformer(transformer, cfg, training, lora_adapter)
     conditioner, codec = (None, None) if qwen_dim else build_frozen(cfg)
-    connector = build_connector(cfg.connector, qwen_dim or conditioner.hidden_size, transformer).to(weights_dtype)
+    editor = build_editor(cfg, transformer, plan, qwen_dim or conditioner.hidden_size)
+    return Models(editor, conditioner, codec, build_scheduler())
+
+
+def build_editor(cfg: DictConfig, transformer: FluxTransformer2DModel, plan: AttentionPlan,
+                 qwen_dim: int) -> KontextEditor:
+    """The trainable editor of a `model/` config node around a configured transformer: a new connector
+    (in model.dtype, on the transformer's device) from Qwen's width to the transformer's."""
+    connector = build_connector(cfg.connector, qwen_dim, transformer)
+    connector.to(transformer.device, torch_dtype(cfg.get("dtype", "float32")))
     # configs saved before model.text_pad_multiple existed conditioned on the exact lengths
     multiple = cfg.get("text_pad_multiple", 1)
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"model.text_pad_multiple: expected a positive integer (1: exact lengths), got {multiple!r}")
-    editor = KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=multiple)
-    return Models(editor, conditioner, codec, build_scheduler())
+    return KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=multiple)
+
+
+def qwen_hidden_size(qwen_path: str | None) -> int:
+    """The conditioner's width from its config.json (a local directory), else Qwen2.5-VL-7B's, without
+    loading it."""
+    config = Path(qwen_path or "") / "config.json"
+    if not config.exists():
+        config = ASSETS / "configs" / "qwen2.5-vl-7b-instruct.json"
+    data = json.loads(config.read_text())
+    return data.get("text_config", data).get("hidden_size", data.get("hidden_size"))
 
 
 def build_frozen(cfg: DictConfig) -> tuple[QwenVLConditioner, LatentCodec]:

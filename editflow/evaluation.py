@@ -13,8 +13,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from editflow.data.buckets import nearest_bucket
 from editflow.data.images import to_rgb
 from editflow.data.regions import changed_region, pixels
 from editflow.data.samples import EditSample
@@ -195,3 +197,23 @@ def eval_metrics(result: dict) -> dict[str, float]:
     for g, scores in result.get("by_guidance", {}).items():
         metrics.update({f"eval/guidance_{g}/{k}": v for k, v in scores["model"].items() if "/" not in k})
     return metrics
+
+
+def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int):
+    """Batch of samples -> edited images, each sampled at the bucket nearest its source's aspect."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def edit(batch):
+        outputs = [None] * len(batch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, sample in enumerate(batch):
+            groups.setdefault(nearest_bucket(*sample.source.size, bucket_base), []).append(i)
+        for (width, height), indices in groups.items():
+            images = pipe([batch[i].source for i in indices], [batch[i].instruction for i in indices],
+                          num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                          generator=generator)
+            for i, image in zip(indices, images):
+                outputs[i] = image
+        return outputs
+
+    return edit

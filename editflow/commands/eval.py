@@ -1,4 +1,5 @@
-"""`editflow eval`: edit quality of a trained model on shards, against copy-the-source."""
+"""`editflow eval --model RUN --data SHARDS --out metrics.json`: edit quality of a trained model on shards,
+against copy-the-source (the scores: editflow/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from editflow.data.buckets import nearest_bucket
 from editflow.data.loader import read_samples
 from editflow.data.sources import resolve_urls
 from editflow.edit import check_writable
 from editflow.errors import EditflowError, report
-from editflow.eval import evaluate_guidances, grid_picks, sample_grid
+from editflow.evaluation import evaluate_guidances, grid_picks, make_edit_fn, sample_grid
 from editflow.model_paths import read_model_config
 
 
@@ -23,26 +23,6 @@ def finite(value):
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int):
-    """Batch of samples -> edited images, each sampled at the bucket nearest its source's aspect."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def edit(batch):
-        outputs = [None] * len(batch)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, sample in enumerate(batch):
-            groups.setdefault(nearest_bucket(*sample.source.size, bucket_base), []).append(i)
-        for (width, height), indices in groups.items():
-            images = pipe([batch[i].source for i in indices], [batch[i].instruction for i in indices],
-                          num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                          generator=generator)
-            for i, image in zip(indices, images):
-                outputs[i] = image
-        return outputs
-
-    return edit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +78,3 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{primary}: model {result['model'][primary]:.4f}  copy-source {result['baseline'][primary]:.4f}  "
           f"({result['num_samples']} samples) -> {args.out}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,128 @@
+"""`editflow data toy|convert|verify`: make and check WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="editflow data", description="Make and check WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    toy = sub.add_parser("toy", help="write procedurally generated toy edits as shards")
+    toy.add_argument("--out", required=True, help="output directory")
+    toy.add_argument("--num", type=int, default=1000, help="number of samples")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 8)")
+    toy.add_argument("--samples-per-shard", type=int, default=1000)
+
+    conv = sub.add_parser("convert", help="convert a dataset into validated shards",
+                          epilog="Hydra overrides among the inputs (model=..., model.qwen.pretrained=/local/qwen, "
+                                 "experiment=...) choose the model config whose tokenizer and budget count "
+                                 "over-long instructions (default model=kontext_qwen25vl_7b).")
+    conv.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="dataset folder(s), downloaded archive(s) (.tar, .tar.gz.partNNN), a data list (data.txt) "
+                           "or metadata .json/.jsonl file(s)")
+    conv.add_argument("--format", required=True, choices=["gpt-image-edit", "llava-edit", "sharegpt4o", "jsonl"])
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--samples-per-shard", type=int, default=1000)
+    conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    conv.add_argument("--image-root", help="folder image paths are relative to (default: next to the json)")
+    conv.add_argument("--min-side", type=int, default=256, help="reject images with a shorter short side")
+    conv.add_argument("--max-aspect-change", type=float, default=0.25,
+                      help="allowed relative difference of source and target aspect ratios")
+    conv.add_argument("--max-instruction-chars", type=int, default=2000)
+    conv.add_argument("--max-instruction-tokens", type=int, default=None,
+                      help="count instructions longer than this many Qwen tokens (default: the model config's "
+                           "budget at its pixel budget; 0: do not count)")
+    conv.add_argument("--bucket-base", type=int, default=1024, help="base resolution of the bucket histogram")
+    conv.add_argument("--memory-budget", default="2G",
+                      help="archives: memory for images held until their record is complete; beyond it they "
+                           "spill to OUT/.scratch (default 2G)")
+    for key in ("source", "target", "instruction", "id"):
+        conv.add_argument(f"--{key}-key", default=key, help=f"jsonl format: field holding the {key}")
+    conv.add_argument("--dataset", help="jsonl format: dataset name stored in each sample")
+
+    ver = sub.add_parser("verify", help="check shards against manifest.json (sha256, counts, stray files)")
+    ver.add_argument("directory")
+
+    args = parser.parse_args(argv)
+    from editflow.data.errors import DataError
+
+    try:
+        if args.command == "toy":
+            from editflow.data.toy_shards import write_toy_shards
+
+            out = write_toy_shards(args.out, args.num, seed=args.seed, size=args.size,
+                                   samples_per_shard=args.samples_per_shard)
+            print(f"wrote {args.num} toy edits to {out}")
+        elif args.command == "convert":
+            convert(args)
+        elif args.command == "verify":
+            from editflow.data.convert import verify
+
+            problems = verify(args.directory)
+            for problem in problems:
+                print(f"PROBLEM {problem}", file=sys.stderr)
+            if problems:
+                sys.exit(1)
+            print(f"{args.directory}: all shards match the manifest")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def convert(args: argparse.Namespace) -> None:
+    import re
+
+    from editflow.data.archives import parse_size
+    from editflow.data.convert import Validation
+    from editflow.data.convert import convert as convert_dataset
+    from editflow.data.errors import DataError
+    from editflow.data.tokens import budget_from_model
+
+    is_override = lambda a: re.match(r"^[+~]?[A-Za-z_][\w.]*=", a) and not os.path.exists(a)  # noqa: E731
+    overrides, inputs = [a for a in args.inputs if is_override(a)], [a for a in args.inputs if not is_override(a)]
+    if not inputs:
+        raise DataError("no input given: name the dataset folder, archives or metadata files to convert.")
+    budget = None
+    if args.max_instruction_tokens != 0:
+        try:
+            budget = budget_from_model(overrides, args.max_instruction_tokens)
+        except DataError as err:
+            if overrides or args.max_instruction_tokens is not None:
+                raise
+            print(f"note: instruction tokens are not counted: {err}", file=sys.stderr)
+    rules = Validation(args.min_side, args.max_aspect_change, args.max_instruction_chars, args.bucket_base)
+    options = {"image_root": args.image_root}
+    if args.format == "jsonl":
+        options.update(source_key=args.source_key, target_key=args.target_key,
+                       instruction_key=args.instruction_key, id_key=args.id_key, dataset=args.dataset)
+    manifest = convert_dataset(args.format, inputs, args.out, args.samples_per_shard, args.workers, rules,
+                               memory_budget=parse_size(args.memory_budget), tokens=budget, **options)
+    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {args.out} (listed in "
+          f"manifest.json; `editflow data verify {args.out}` checks them)")
+    print(f"{manifest['num_rejected']} records rejected -> {os.path.join(args.out, 'rejects.jsonl')}")
+    for reason, count in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
+        print(f"  {reason}: {count}")
+    if manifest.get("ids_reused"):
+        print(f"{manifest['ids_reused']} records reuse the id of a different record: kept under distinct keys")
+    if budget is not None:
+        examples = "; ".join(f"{loc} ({n} tokens)" for loc, n, _ in manifest["token_examples"])
+        print(f"{manifest['over_token_budget']} instructions exceed the Qwen budget of {budget.with_image} tokens "
+              f"({budget.text_only} without a source image; {budget.origin}); training skips those samples"
+              f"{f'. E.g. {examples}' if examples else ''}")
+    if manifest.get("archives"):
+        from tqdm import tqdm
+
+        a, size = manifest["archives"], lambda n: tqdm.format_sizeof(n, "B", 1024)  # noqa: E731
+        print(f"archives read in place: {size(a['bytes'])}, {a['members']} members; images held until their record "
+              f"was complete: at most {size(a['peak_memory'])} in memory (--memory-budget {size(a['memory_budget'])}) "
+              f"and {size(a['peak_scratch'])} in {args.out}/.scratch (removed)")
+        if a["unused_members"]:
+            print(f"{a['unused_members']} archive members are used by no record (e.g. {a['unused_example']}): "
+                  "a task's metadata missing from the archives?")
