@@ -206,6 +206,16 @@ def config_mismatch(saved: dict, model_cfg) -> list[str]:
             if get(saved, key) != get(now, key)]
 
 
+def inference_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights to edit with: the trained ones, with the EMA's average in their place when the run kept
+    one (`trainer.ema_decay`; `ema.pt`), the weights the run's own evaluation scored."""
+    state = load_file(Path(checkpoint) / MODEL_FILE)
+    ema = Path(checkpoint) / "ema.pt"
+    if ema.exists():
+        state.update(torch.load(ema, map_location="cpu", weights_only=True))
+    return state
+
+
 def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike,
                        state: dict[str, torch.Tensor] | None = None) -> None:
     """Load a checkpoint's trainable weights and buffers (read from `checkpoint`, or `state` already read) into

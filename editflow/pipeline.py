@@ -80,7 +80,7 @@ class EditPipeline:
             config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
             # the training seed: a LoRA checkpoint holds only adapters, its base is rebuilt the same way
             models = build_models(config.model, seed=config.trainer.seed)
-            ckpt.load_model_weights(models.editor, checkpoint)
+            ckpt.load_model_weights(models.editor, checkpoint, ckpt.inference_weights(checkpoint))
         pipe = cls.from_models(models.to(device), sample_guidance(config))
         pipe.editor.eval()
         pipe.config = config

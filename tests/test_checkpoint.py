@@ -106,3 +106,17 @@ def test_per_rank_state_of_another_world_size_is_judged_by_its_object_or_passed_
     restorer.register("noise", noise, per_rank=True, optional=True)
     restorer.restore([path])
     assert position.value == 5 and noise.value == 0
+
+
+def test_editing_weights_are_the_ema_average_when_the_run_kept_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from editflow.checkpoint import inference_weights
+
+    trained = {"connector.mlp.0.weight": torch.ones(2, 2), "connector.pooled_base": torch.zeros(2)}
+    save_file(trained, tmp_path / "model.safetensors")
+    assert all(torch.equal(inference_weights(tmp_path)[k], v) for k, v in trained.items())  # no EMA: as trained
+    torch.save({"connector.mlp.0.weight": torch.full((2, 2), 0.5)}, tmp_path / "ema.pt")
+    weights = inference_weights(tmp_path)
+    assert torch.equal(weights["connector.mlp.0.weight"], torch.full((2, 2), 0.5))  # the average
+    assert torch.equal(weights["connector.pooled_base"], torch.zeros(2))  # a buffer: as saved

@@ -1,5 +1,4 @@
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editflow.data.convert import Validation, convert, verify
+from editflow.data.convert import convert, verify
 from editflow.data.loader import read_samples
 from editflow.data.shards import shard_urls
 from editflow.data.tokens import budget_from_model

@@ -47,7 +47,7 @@ def test_tiny_vae_floor_is_below_copying_the_source_on_small_edits(tiny_models):
     """A perfect latent must beat copy-the-source, or the default run could not: on `add`, the smallest
     edits, the VAE's own reconstruction error has to stay below the copy's (0.013 at 64 px)."""
     from editflow.data.samples import EditSample
-    from editflow.eval import edit_scores
+    from editflow.evaluation import edit_scores
     from editflow.pipeline import tensor_to_pil
 
     edits = [e for e in (make_edit(i, seed=7) for i in range(120)) if e.meta["task"] == "add"][:16]
