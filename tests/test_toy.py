@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from editflow.data.shards import read_manifest
 from editflow.data.toy import EDIT_KINDS, make_edit
 
 
@@ -52,3 +55,19 @@ def test_other_sizes(size):
 def test_bad_size_is_refused():
     with pytest.raises(ValueError, match="multiple of 8"):
         make_edit(0, size=60)
+
+
+def test_runs_started_together_on_one_cache_generate_the_toy_set_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from omegaconf import OmegaConf; from editflow.data.sources import ensure_toy; "
+              "print(ensure_toy(OmegaConf.create({'cache_dir': sys.argv[1], 'num_train': 300, 'num_val': 8, 'seed': 0, "
+              "'size': 64, 'samples_per_shard': 5}), 'train', progress=False))")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-1500:] for _, err in outputs]
+    directory = Path(outputs[0][0].strip())
+    assert read_manifest(directory)["num_samples"] == 300 and len(list(directory.glob("*.tar"))) == 60
+    assert not list(directory.glob("*.tmp"))

@@ -31,8 +31,14 @@ def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
     num = cfg.num_train if split == "train" else cfg.num_val
     seed = cfg.seed if split == "train" else cfg.seed + 1
     if read_manifest(directory).get("num_samples") != num:
-        write_toy_shards(directory, num, seed=seed, size=cfg.size, samples_per_shard=cfg.samples_per_shard,
-                         progress=progress)
+        from filelock import FileLock
+
+        # runs started together on one cache (a sweep, the ranks of several jobs): one writes, the others wait
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(directory) + ".lock"):
+            if read_manifest(directory).get("num_samples") != num:
+                write_toy_shards(directory, num, seed=seed, size=cfg.size, samples_per_shard=cfg.samples_per_shard,
+                                 progress=progress)
     return directory
 
 
