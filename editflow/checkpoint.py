@@ -212,7 +212,8 @@ def inference_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = load_file(Path(checkpoint) / MODEL_FILE)
     ema = Path(checkpoint) / "ema.pt"
     if ema.exists():
-        state.update(torch.load(ema, map_location="cpu", weights_only=True))
+        averaged = torch.load(ema, map_location="cpu", weights_only=True)
+        state.update({name: weights for name, weights in averaged.items() if name in state})
     return state
 
 

@@ -170,9 +170,10 @@ class Trainer:
         tcfg, acc = self.cfg.trainer, self.accelerator
         if not tcfg.get("ema_decay"):
             return None
-        if zero_stage(acc) == 3:
-            raise ValueError("trainer.ema_decay: an EMA needs whole weights on each rank; ZeRO-3 partitions "
-                             "them (use launcher=deepspeed_zero2 or set trainer.ema_decay=null)")
+        if zero_stage(acc) == 3:  # a preset's EMA (the toy's) must not stop a ZeRO-3 launch of it
+            log.warning("trainer.ema_decay=%s is not used: an EMA needs whole weights on each rank and ZeRO-3 "
+                        "partitions them (launcher=deepspeed_zero2 keeps an EMA)", tcfg.ema_decay)
+            return None
         return EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.get("ema_cpu") else None)
 
     def _build_loader(self, sets: list, pre_encoded: bool, text_multiple: int) -> ResumableLoader:

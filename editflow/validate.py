@@ -18,7 +18,9 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, training: bool = True) -> None:
+    """Check the values of a composed config before any model loads. `training=False` (`editflow encode`)
+    skips what only a training run needs (a stage-2 preset's `model.connector.init_from`)."""
     t, o = cfg.trainer, cfg.optim
     for key in ("global_batch_size", "micro_batch_size", "max_steps", "log_every"):
         _require(isinstance(t[key], int) and t[key] > 0, f"trainer.{key}", f"must be a positive integer, got {t[key]!r}")
@@ -68,7 +70,7 @@ def validate(cfg: DictConfig) -> None:
         _require(m.get(key, "float32") in DTYPES, f"model.{key}", f"expected one of {sorted(DTYPES)}")
     _require(m.get("trainable", "full") in TRAINABLE, "model.trainable",
              f"expected one of {', '.join(TRAINABLE)}, got {m.get('trainable')!r}")
-    _validate_connector(m.connector)
+    _validate_connector(m.connector, training)
     _require(m.get("dtype", "float32") in ("float32", "fp32") or m.get("trainable", "full") != "full"
              or _deepspeed(cfg) or o.get("allow_low_precision_weights", False), "model.dtype",
              f"a full fine-tune with model.dtype={m.get('dtype')} outside DeepSpeed runs AdamW on {m.get('dtype')} "
@@ -90,10 +92,10 @@ def _deepspeed(cfg: DictConfig) -> bool:
             or str(cfg.get("launcher", {}).get("name", "")).startswith("deepspeed"))
 
 
-def _validate_connector(c: DictConfig) -> None:
+def _validate_connector(c: DictConfig, training: bool) -> None:
     from editflow.models.connector import CONNECTOR_KINDS
 
-    if c.get("init_from") == "required":
+    if training and c.get("init_from") == "required":
         raise ConfigError(
             "model.connector.init_from: this preset is stage 2 of the two-stage recipe and starts from the connector "
             "that stage 1 trained: run `editflow train experiment=align_connector ...` first and pass its run "

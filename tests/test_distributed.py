@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from test_train import EXACT, read_metrics, run_train
@@ -52,7 +53,8 @@ def test_deepspeed_checkpoints_hold_every_ranks_shard_and_whole_weights(deepspee
     assert (deepspeed_runs / "straight" / "eval.json").exists()  # evaluation ran (all ranks, under ZeRO-3)
     metrics = read_metrics(deepspeed_runs / "straight")
     assert [m["step"] for m in metrics] == [2, 4] and metrics[-1]["samples_seen"] == 16
-    assert metrics[0]["lr"] == pytest.approx(1e-3 * 2 / 50)  # DeepSpeed steps the schedule once per step
+    optim = OmegaConf.load(deepspeed_runs / "straight" / "config.yaml").optim
+    assert metrics[0]["lr"] == pytest.approx(optim.lr * 2 / optim.warmup_steps)  # DeepSpeed steps it once per step
 
 
 def test_deepspeed_resume_is_bit_identical(deepspeed_runs):

@@ -65,14 +65,14 @@ def test_too_many_in_a_row_stop_with_step_and_keys(sync_free):
 
 def test_ema_skips_with_the_update():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, 0.5)
+    ema = EMA(model, 0.5, warmup=False)
     before = [s.clone() for s in ema.shadow]
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model, weight=torch.tensor(0.0))
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow))
     ema.update(model, weight=torch.tensor(1.0))
-    reference = EMA(model, 0.5)
+    reference = EMA(model, 0.5, warmup=False)
     reference.shadow = before
     reference.update(model)
     assert all(torch.allclose(a, b) for a, b in zip(reference.shadow, ema.shadow))
@@ -80,7 +80,7 @@ def test_ema_skips_with_the_update():
 
 def test_ema_weights_are_applied_inside_the_block_and_the_trained_ones_come_back():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, 0.5)
+    ema = EMA(model, 0.5, warmup=False)
     trained = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -92,3 +92,20 @@ def test_ema_weights_are_applied_inside_the_block_and_the_trained_ones_come_back
             torch.testing.assert_close(p, start + 0.5)
     for p, weights in zip(model.parameters(), moved):
         assert torch.equal(p, weights)
+
+
+def test_ema_warm_up_follows_the_weights_early_and_resumes_where_it_was():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, 0.999)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update is mostly the weights
+    for _ in range(9000):
+        ema.update(model)
+    assert ema.current_decay() == 0.999  # (1 + n) / (10 + n) has passed the configured decay
+    state = ema.state_dict()
+    assert int(state["num_updates"]) == 9000
+    restored = EMA(model, 0.999)
+    restored.load_state_dict(state)
+    assert restored.num_updates == 9000
+    legacy = {k: v for k, v in state.items() if k != "num_updates"}  # saved before the warm-up existed
+    restored.load_state_dict(legacy)
+    assert restored.current_decay() == 0.999

@@ -30,7 +30,8 @@ def test_tiny_model_uses_the_real_classes(tiny_models):
     assert isinstance(tiny_models.editor.transformer, FluxTransformer2DModel)
     assert tiny_models.editor.transformer.config.guidance_embeds
     assert isinstance(tiny_models.codec.vae, AutoencoderKL)
-    assert tiny_models.codec.latent_channels == 16 and tiny_models.codec.downsample == 8
+    # FLUX's 16 latent channels; 4x (not FLUX's 8x) keeps toy objects more than two latent pixels wide
+    assert tiny_models.codec.latent_channels == 16 and tiny_models.codec.downsample == 4
     assert isinstance(tiny_models.conditioner.model, Qwen2_5_VLForConditionalGeneration)
     assert not any(p.requires_grad for p in tiny_models.conditioner.parameters())
 
@@ -120,8 +121,10 @@ def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
 
 
 def test_bad_size_is_refused(tiny_models):
-    with pytest.raises(ValueError, match="multiples of 16"):
-        EditPipeline.from_models(tiny_models, guidance=1.0)(make_edit(0).source, "x", height=40, width=64)
+    pipe = EditPipeline.from_models(tiny_models, guidance=1.0)
+    assert pipe.size_multiple == 2 * tiny_models.codec.downsample  # 2x2 latent patches per token
+    with pytest.raises(ValueError, match=f"multiples of {pipe.size_multiple}"):
+        pipe(make_edit(0).source, "x", height=36, width=64)
 
 
 def test_token_refiner_keeps_padding_invisible(tiny_model_cfg):

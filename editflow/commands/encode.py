@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = compose(overrides)
-        validate(cfg)
+        validate(cfg, training=False)  # encoding needs no stage-1 connector
         out = encode(cfg)
     except (EditflowError, HydraException) as err:  # bad input or overrides: one paragraph, no traceback
         report("encode", err)

@@ -34,8 +34,9 @@ def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
         from filelock import FileLock
 
         # runs started together on one cache (a sweep, the ranks of several jobs): one writes, the others wait
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(directory) + ".lock"):
+        locks = directory.parent / ".locks"  # beside the datasets, not among them (a glob of the cache finds none)
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{directory.name}.lock")):
             if read_manifest(directory).get("num_samples") != num:
                 write_toy_shards(directory, num, seed=seed, size=cfg.size, samples_per_shard=cfg.samples_per_shard,
                                  progress=progress)
