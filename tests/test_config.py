@@ -166,3 +166,15 @@ def test_encode_has_help_and_rejects_unknown_flags(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--nodes", "2"])
     assert info.value.code == 2 and "unrecognized arguments: --nodes 2" in capsys.readouterr().err
+
+
+def test_the_gpu_preset_stage_composes_and_validates():
+    """scripts/gpu_measure.sh's `preset` stage runs only on a lent GPU: its overrides are checked here."""
+    import shlex
+
+    script = (CONFIG_DIR.parent / "scripts" / "gpu_measure.sh").read_text()
+    command = script[script.index("-m editflow.train", script.index("preset)")):].split("2>&1")[0]
+    overrides = [t for t in shlex.split(command.replace("\\\n", " "))[2:] if not t.startswith("hydra.run.dir")]
+    cfg = load(*overrides)
+    OmegaConf.resolve(cfg)
+    validate(cfg)
