@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from braceexpand import braceexpand
+from filelock import FileLock
 from omegaconf import DictConfig
 
 from editflow.data.shards import MANIFEST, read_manifest
@@ -31,8 +32,6 @@ def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
     num = cfg.num_train if split == "train" else cfg.num_val
     seed = cfg.seed if split == "train" else cfg.seed + 1
     if read_manifest(directory).get("num_samples") != num:
-        from filelock import FileLock
-
         # runs started together on one cache (a sweep, the ranks of several jobs): one writes, the others wait
         locks = directory.parent / ".locks"  # beside the datasets, not among them (a glob of the cache finds none)
         locks.mkdir(parents=True, exist_ok=True)
