@@ -108,7 +108,7 @@ def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(tokens, width) of each stored Qwen state: the source at Qwen's max_pixels plus the instruction, for
     the full condition and each dropout outcome the objective draws."""
     from editflow.data.preencoded import drawn_drops
-    from editflow.encoding import states_field
+    from editflow.frozen_encoders import states_field
     from editflow.models.build import qwen_hidden_size
 
     image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
@@ -200,7 +200,7 @@ def make_loader(urls: list[str], cfg, shuffle_buffer: int, encoded: bool = False
 def parallelism(cfg) -> int:
     """How many batches the configured loader makes at once: its workers, or else its decode threads (at most
     one per usable CPU, as the stream runs them)."""
-    from editflow.data.loader import usable_cpus
+    from editflow.data.pixels import usable_cpus
 
     return cfg.data.num_workers or min(cfg.data.get("decode_threads", 0), usable_cpus()) or 1
 
@@ -277,7 +277,7 @@ def _cpu_model() -> str:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     from editflow.config import compose
-    from editflow.data.loader import usable_cpus
+    from editflow.data.pixels import usable_cpus
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings

@@ -21,7 +21,7 @@ from editflow.data.samples import SampleError
 from editflow.data.shards import write_manifest, write_shard
 from editflow.data.sources import train_sets
 from editflow.data.stream import bucket_of, collate_images, decode_in_bucket, iter_tar
-from editflow.encoding import DROPS, FrozenEncoder, drop_inputs, states_field
+from editflow.frozen_encoders import DROPS, FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 
 log = logging.getLogger(__name__)

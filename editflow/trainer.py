@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from editflow import checkpoint as ckpt
 from editflow import flow
 from editflow.checkpointer import Checkpointer
-from editflow.data.loader import read_samples
+from editflow.data.pixels import read_samples
 from editflow.data.preencoded import check_pre_encoded
 from editflow.data.regions import batch_region
 from editflow.data.skips import SkipCounter
@@ -27,10 +27,10 @@ from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.distributed import (configure_deepspeed, describe, frozen_models_unpartitioned, make_accelerator,
                                   shards_state, zero_stage)
 from editflow.ema import EMA
-from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.errors import DataError
 from editflow.evaluation import (eval_metrics, evaluate_guidances, grid_picks, guidance_values, make_edit_fn,
                                  sample_grid)
+from editflow.frozen_encoders import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.guard import NonFiniteGuard
 from editflow.metrics import MetricsWindow, RunLog
 from editflow.models.attention import check_attention_backend

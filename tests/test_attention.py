@@ -22,7 +22,7 @@ from editflow.data.shards import shard_urls
 from editflow.data.stream import BucketStream, ShardSet
 from editflow.data.toy import make_edit
 from editflow.data.toy_shards import write_toy_shards
-from editflow.encoding import FrozenEncoder, TextBucketKey, pad_states, text_padded
+from editflow.frozen_encoders import FrozenEncoder, TextBucketKey, pad_states, text_padded
 from editflow.models.attention import (ALIASES, PLANS, VARLEN_KERNELS, AttentionPlan, attention_plan,
                                        check_attention_backend, joint_attention)
 from editflow.models.build import build_models

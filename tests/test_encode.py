@@ -51,8 +51,8 @@ def test_encoded_shards_mirror_the_source_with_the_stored_tensors(encoded, monke
     assert manifest["encoding"]["settings"]["data.bucket_base"] == 64
 
     from editflow.data.samples import decode_sample
-    from editflow.encoding import FrozenEncoder, drop_inputs
     from editflow.data.stream import collate_images
+    from editflow.frozen_encoders import FrozenEncoder, drop_inputs
     from editflow.models.build import build_models
 
     models = build_models(cfg.model)

@@ -58,7 +58,7 @@ def test_loss_weightings():
 
 
 def test_condition_dropout_rates_and_what_qwen_sees():
-    from editflow.encoding import condition_dropout
+    from editflow.frozen_encoders import condition_dropout
 
     n = 20000
     batch = {"key": [f"k{i}" for i in range(n)], "instruction": ["make it red"] * n, "source_images": ["img"] * n}

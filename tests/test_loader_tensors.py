@@ -13,7 +13,7 @@ from PIL import Image
 
 from editflow.data.buckets import resize_to_bucket
 from editflow.data.images import to_rgb
-from editflow.data.loader import PixelImages, image_tensor, pixel_batch, unit_range
+from editflow.data.pixels import PixelImages, image_tensor, pixel_batch, unit_range
 from editflow.data.samples import decode_sample
 from editflow.data.shards import write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet, collate_images, decode_in_bucket
@@ -71,7 +71,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_path(source_pixe
 
 
 def test_frozen_encoder_latents_of_uint8_equal_the_float_inputs(tiny_models):
-    from editflow.encoding import FrozenEncoder
+    from editflow.frozen_encoders import FrozenEncoder
 
     images = [photo((64, 48), i) for i in range(2)]
     encoder = FrozenEncoder(tiny_models.codec, tiny_models.conditioner)

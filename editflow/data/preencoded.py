@@ -96,7 +96,7 @@ def check_pre_encoded(sets: list, cfg: DictConfig) -> bool:
 
 def encoded_sample(key: str, meta: dict, bucket: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict:
     """A webdataset sample dict for an encoded shard."""
-    # text_tokens: the stream groups batches by the length of the conditioning (encoding.TextBucketKey)
+    # text_tokens: the stream groups batches by the length of the conditioning (frozen_encoders.TextBucketKey)
     meta = {**meta, "encoded_bucket": list(bucket), "text_tokens": int(tensors["states"].shape[0])}
     blob = save_tensors({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()})
     return {"__key__": key, "json": json.dumps(meta).encode(), TENSORS_EXT: blob}

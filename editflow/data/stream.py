@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
-from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.pixels import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
 from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
@@ -167,7 +167,7 @@ class BucketStream(IterableDataset):
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
-        # a second grouping key from (raw sample, bucket): the text bucket (encoding.TextBucketKey), so that
+        # a second grouping key from (raw sample, bucket): the text bucket (frozen_encoders.TextBucketKey), so that
         # batches need no attention mask
         self.text_key = text_key
         self.decode_threads = decode_threads

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from editflow.data.buckets import scaled_bucket
-from editflow.data.loader import unit_range
+from editflow.data.pixels import unit_range
 from editflow.data.skips import SkipCounter
 from editflow.errors import DataError
 from editflow.models.conditioner import QwenVLConditioner
@@ -196,8 +196,8 @@ def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count:
     """Qwen states (padded, with their mask) of the first `count` usable training samples, for calibrating a
     fresh connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images.
     Samples and shards that training would skip are skipped here too."""
+    from editflow.data.pixels import SHARD_ERRORS, iter_tar
     from editflow.data.preencoded import decode_encoded
-    from editflow.data.loader import SHARD_ERRORS, iter_tar
     from editflow.data.samples import SampleError, decode_sample
 
     def states_of(raw: dict) -> torch.Tensor:
