@@ -200,7 +200,7 @@ def make_loader(urls: list[str], cfg, shuffle_buffer: int, encoded: bool = False
 def parallelism(cfg) -> int:
     """How many batches the configured loader makes at once: its workers, or else its decode threads (at most
     one per usable CPU, as the stream runs them)."""
-    from editflow.data.pixels import usable_cpus
+    from editflow.data.threads import usable_cpus
 
     return cfg.data.num_workers or min(cfg.data.get("decode_threads", 0), usable_cpus()) or 1
 
@@ -277,7 +277,7 @@ def _cpu_model() -> str:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     from editflow.config import compose
-    from editflow.data.pixels import usable_cpus
+    from editflow.data.threads import usable_cpus
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings

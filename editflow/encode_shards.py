@@ -18,9 +18,9 @@ from tqdm import tqdm
 from editflow.data.preencoded import drawn_drops, encoded_sample, encoding_settings
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
-from editflow.data.shards import write_manifest, write_shard
+from editflow.data.shards import iter_tar, write_manifest, write_shard
 from editflow.data.sources import train_sets
-from editflow.data.stream import bucket_of, collate_images, decode_in_bucket, iter_tar
+from editflow.data.stream import bucket_of, collate_images, decode_in_bucket
 from editflow.frozen_encoders import DROPS, FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 

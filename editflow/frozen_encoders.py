@@ -196,9 +196,9 @@ def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count:
     """Qwen states (padded, with their mask) of the first `count` usable training samples, for calibrating a
     fresh connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images.
     Samples and shards that training would skip are skipped here too."""
-    from editflow.data.pixels import SHARD_ERRORS, iter_tar
     from editflow.data.preencoded import decode_encoded
     from editflow.data.samples import SampleError, decode_sample
+    from editflow.data.shards import SHARD_ERRORS, iter_tar
 
     def states_of(raw: dict) -> torch.Tensor:
         if sets[0].encoding is not None:

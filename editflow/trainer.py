@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from editflow import checkpoint as ckpt
 from editflow import flow
 from editflow.checkpointer import Checkpointer
-from editflow.data.pixels import read_samples
 from editflow.data.preencoded import check_pre_encoded
 from editflow.data.regions import batch_region
+from editflow.data.shards import read_samples
 from editflow.data.skips import SkipCounter
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader

@@ -16,8 +16,8 @@ from editflow.config import compose
 from editflow.data.preencoded import TENSORS_EXT, check_pre_encoded, decode_encoded
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
+from editflow.data.shards import iter_tar
 from editflow.data.sources import train_sets
-from editflow.data.stream import iter_tar
 
 from test_train import EXACT, QUICK, read_metrics, run_train
 

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from editflow.data.pixels import ordered_map
 from editflow.data.shards import shard_urls, write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
+from editflow.data.threads import ordered_map
 from editflow.data.toy_shards import toy_sample, write_toy_shards
 from editflow.errors import DataError
 
@@ -187,7 +187,7 @@ def test_a_shard_cut_between_two_members_is_detected(tmp_path):
     """tarfile ends silently when the cut falls on a member boundary: the missing end blocks give it away."""
     import tarfile
 
-    from editflow.data.pixels import iter_tar
+    from editflow.data.shards import iter_tar
 
     write_shard(tmp_path / "s.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
     with tarfile.open(tmp_path / "s.tar") as tar:

@@ -1,28 +1,15 @@
-"""Small helpers shared by the data paths: image tensors, in-order reading of shards, and decoding in threads
-with the results kept in order."""
+"""Image tensors of the data paths: batches of uint8 pixels (normalised on the device they go to), and the
+source images Qwen reads, carried across a DataLoader worker as those pixels."""
 
 from __future__ import annotations
 
-import os
-import tarfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from editflow.data.images import to_rgb
-from editflow.data.samples import EditSample, decode_sample
-from editflow.errors import DataError
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-# What reading a damaged, truncated or vanished shard raises (zlib/gzip errors are OSError or EOFError).
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
 def pixel_batch(images: list[Image.Image]) -> torch.Tensor:
@@ -94,85 +81,3 @@ class PixelImages:
         if self.images is not None:
             return self.images[index]
         return Image.fromarray(self.pixels[index].permute(1, 2, 0).numpy())
-
-
-def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
-    """Samples of one tar shard as webdataset dicts; while `meta_only()` is true, non-json members are skipped
-    unread (tarfile seeks over them) and the sample is marked `__partial__`. A member that repeats one of
-    its sample's fields (two records written under one key) marks the sample `__duplicate__`. A shard cut
-    short raises tarfile.ReadError (tarfile itself stops silently when the cut falls between members)."""
-    with tarfile.open(url, mode="r:") as tar:
-        current: dict | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if ext in current:
-                current["__duplicate__"] = ext
-            if ext == "json" or not meta_only():
-                current[ext] = tar.extractfile(member).read()
-            else:
-                current["__partial__"] = True
-        tar.fileobj.seek(tar.offset)  # where tarfile stopped: a complete archive has its end blocks there
-        if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-            raise tarfile.ReadError(f"no end-of-archive blocks at byte {tar.offset}: the file is cut short or "
-                                    "damaged there")
-        if current is not None:
-            yield current
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int) -> Iterator[R]:
-    """`map(fn, items)` with `fn` run in `threads` threads on at most `ahead` items read and not yet yielded.
-
-    The results come in the order of `items`, whichever thread finishes first, and `items` is only ever
-    advanced in the caller's thread (it need not be thread-safe). An exception raised by `items` comes after
-    the results of the items before it, as it would from `map`; one raised by `fn` comes with its item's
-    result. (`Executor.map` before Python 3.14 reads all of `items` first, so it cannot take an endless
-    stream.) Closing the generator cancels what has not started and waits for what has."""
-    source, failure, exhausted = iter(items), None, False
-    pending: deque[Future] = deque()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="editflow-decode")
-    try:
-        while True:
-            while not exhausted and len(pending) < max(ahead, 1):
-                try:
-                    pending.append(pool.submit(fn, next(source)))
-                except StopIteration:
-                    exhausted = True
-                except Exception as err:  # noqa: BLE001 - re-raised below, after the results read before it
-                    exhausted, failure = True, err
-            if not pending:
-                break
-            yield pending.popleft().result()
-        if failure is not None:
-            raise failure
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def read_samples(urls: list[str], limit: int | None = None) -> list[EditSample]:
-    """Every sample of `urls` in order (evaluation and previews); a bad sample or a shard that cannot be read
-    to the end is an error naming it, not a skip (a score must cover the whole set)."""
-    samples: list[EditSample] = []
-    for url in urls:
-        done = len(samples)
-        try:
-            for raw in iter_tar(url):
-                if limit is not None and len(samples) >= limit:
-                    return samples
-                samples.append(decode_sample(raw))
-        except SHARD_ERRORS as err:
-            raise DataError(f"shard {url} cannot be read to the end (after {len(samples) - done} samples: "
-                            f"{type(err).__name__}: {err}); it is truncated or corrupt: copy it again (`editflow "
-                            "data verify DIR` checks a shard directory against its manifest)") from None
-    return samples

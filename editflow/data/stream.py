@@ -38,11 +38,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
-from editflow.data.pixels import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.pixels import PixelImages, pixel_batch
 from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
+from editflow.data.shards import SHARD_ERRORS, iter_tar
 from editflow.data.skips import SkipCounter
+from editflow.data.threads import ordered_map, usable_cpus
 from editflow.errors import ConfigError, DataError, EditflowError
 
 log = logging.getLogger(__name__)
