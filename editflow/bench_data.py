@@ -211,6 +211,8 @@ def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded
 
     Start-up ends once the batches the threads or workers could prefetch while starting (2 each) have been
     taken: after that every batch timed was made while the clock ran."""
+    from editflow.data.batches import ImageBatch
+
     start = time.perf_counter()
     loader = make_loader(urls, cfg, shuffle_buffer, encoded, serial)
     for _ in range(1 if serial else 2 * parallelism(cfg) + 1):
@@ -219,8 +221,9 @@ def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded
     with Window() as window:
         while count < samples:
             batch = next(loader)
-            count += len(batch["key"])
-            list(batch.get("source_images", ()))  # the PIL images Qwen reads are made on this side
+            count += len(batch)
+            if isinstance(batch, ImageBatch):  # the PIL images Qwen reads are made on this side
+                list(batch.source_images)
     del loader  # shuts its threads or workers down
     gc.collect()
     return {**window.rates(count), "startup_s": startup}
@@ -235,8 +238,8 @@ def profile_loader(urls: list[str], cfg, shuffle_buffer: int, samples: int, top:
     profiler.enable()
     while count < samples:
         batch = next(loader)
-        count += len(batch["key"])
-        list(batch["source_images"])
+        count += len(batch)
+        list(batch.source_images)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     total = sum(s[2] for s in stats.values())
