@@ -108,7 +108,7 @@ def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(tokens, width) of each stored Qwen state: the source at Qwen's max_pixels plus the instruction, for
     the full condition and each dropout outcome the objective draws."""
     from editflow.data.preencoded import drawn_drops
-    from editflow.encoding import states_field
+    from editflow.frozen_encoders import states_field
     from editflow.models.build import qwen_hidden_size
 
     image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
@@ -200,7 +200,7 @@ def make_loader(urls: list[str], cfg, shuffle_buffer: int, encoded: bool = False
 def parallelism(cfg) -> int:
     """How many batches the configured loader makes at once: its workers, or else its decode threads (at most
     one per usable CPU, as the stream runs them)."""
-    from editflow.data.loader import usable_cpus
+    from editflow.data.threads import usable_cpus
 
     return cfg.data.num_workers or min(cfg.data.get("decode_threads", 0), usable_cpus()) or 1
 
@@ -211,6 +211,8 @@ def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded
 
     Start-up ends once the batches the threads or workers could prefetch while starting (2 each) have been
     taken: after that every batch timed was made while the clock ran."""
+    from editflow.data.batches import ImageBatch
+
     start = time.perf_counter()
     loader = make_loader(urls, cfg, shuffle_buffer, encoded, serial)
     for _ in range(1 if serial else 2 * parallelism(cfg) + 1):
@@ -219,8 +221,9 @@ def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded
     with Window() as window:
         while count < samples:
             batch = next(loader)
-            count += len(batch["key"])
-            list(batch.get("source_images", ()))  # the PIL images Qwen reads are made on this side
+            count += len(batch)
+            if isinstance(batch, ImageBatch):  # the PIL images Qwen reads are made on this side
+                list(batch.source_images)
     del loader  # shuts its threads or workers down
     gc.collect()
     return {**window.rates(count), "startup_s": startup}
@@ -235,8 +238,8 @@ def profile_loader(urls: list[str], cfg, shuffle_buffer: int, samples: int, top:
     profiler.enable()
     while count < samples:
         batch = next(loader)
-        count += len(batch["key"])
-        list(batch["source_images"])
+        count += len(batch)
+        list(batch.source_images)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     total = sum(s[2] for s in stats.values())
@@ -277,7 +280,7 @@ def _cpu_model() -> str:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     from editflow.config import compose
-    from editflow.data.loader import usable_cpus
+    from editflow.data.threads import usable_cpus
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings

@@ -18,10 +18,10 @@ from tqdm import tqdm
 from editflow.data.preencoded import drawn_drops, encoded_sample, encoding_settings
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
-from editflow.data.shards import write_manifest, write_shard
+from editflow.data.shards import iter_tar, write_manifest, write_shard
 from editflow.data.sources import train_sets
-from editflow.data.stream import bucket_of, collate_images, decode_in_bucket, iter_tar
-from editflow.encoding import DROPS, FrozenEncoder, drop_inputs, states_field
+from editflow.data.stream import bucket_of, collate_images, decode_in_bucket
+from editflow.frozen_encoders import DROPS, FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ class ShardEncoder:
     def _encode_batch(self, samples: list, bucket: tuple[int, int]) -> list[dict]:
         batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False),
                                regions=True)
-        target, source = self.encoder.latents(batch["target"]), self.encoder.latents(batch["source"])
+        target, source = self.encoder.latents(batch.target), self.encoder.latents(batch.source)
         # the changed region at latent resolution, for objective.region_weighting (whatever the run's setting)
-        region = latent_region(batch["region"], target.shape[-2:]).to(torch.uint8)
+        region = latent_region(batch.region, target.shape[-2:]).to(torch.uint8)
         out = [{"target": target[j], "region": region[j]} if source is None else
                {"target": target[j], "source": source[j], "region": region[j]} for j in range(len(samples))]
         for drop in [None, *self.drops]:
-            inputs = [drop_inputs(t, im, drop) for t, im in zip(batch["instruction"], batch["source_images"])]
+            inputs = [drop_inputs(t, im, drop) for t, im in zip(batch.instructions, batch.source_images)]
             for row, states in zip(out, self.encoder.states([im for _, im in inputs], [t for t, _ in inputs])):
                 row[states_field(drop)] = states
         return out

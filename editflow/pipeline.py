@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from editflow.data.images import to_gray, to_rgb
-from editflow.data.loader import image_tensor
+from editflow.data.pixels import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
 from editflow.model_paths import EXPORT_FILE, LORA_FILE, read_export, resolve_checkpoint

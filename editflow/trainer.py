@@ -18,19 +18,20 @@ from omegaconf import DictConfig, OmegaConf
 from editflow import checkpoint as ckpt
 from editflow import flow
 from editflow.checkpointer import Checkpointer
-from editflow.data.loader import read_samples
+from editflow.data.batches import Batch
 from editflow.data.preencoded import check_pre_encoded
 from editflow.data.regions import batch_region
+from editflow.data.shards import read_samples
 from editflow.data.skips import SkipCounter
 from editflow.data.sources import split_urls, train_sets
 from editflow.data.stream import BucketStream, ResumableLoader
 from editflow.distributed import (configure_deepspeed, describe, frozen_models_unpartitioned, make_accelerator,
                                   shards_state, zero_stage)
 from editflow.ema import EMA
-from editflow.encoding import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.errors import DataError
 from editflow.evaluation import (eval_metrics, evaluate_guidances, grid_picks, guidance_values, make_edit_fn,
                                  sample_grid)
+from editflow.frozen_encoders import FrozenEncoder, TextBucketKey, calibration_states, condition_dropout
 from editflow.guard import NonFiniteGuard
 from editflow.metrics import MetricsWindow, RunLog
 from editflow.models.attention import check_attention_backend
@@ -98,7 +99,6 @@ class Trainer:
         self.preemption = Preemption(acc, self.run_dir, tcfg.get("stop_after"))
         self.region_weighting = cfg.objective.get("region_weighting", "none")
         self.batches = self._build_loader(sets, pre_encoded, editor.text_pad_multiple)
-        self._reading_skips: dict[str, int] = {}  # the loader's skip counts, as of the latest batch
         self._grid_rows, self._grid_path = [], None  # the latest sample grid (end-of-run summary)
 
         self.checkpointer = Checkpointer(checkpoints, acc, self.editor, sharded, tcfg.keep_last,
@@ -231,16 +231,15 @@ class Trainer:
                     self.progress.flops_per_step = flops * self.accumulation * acc.num_processes
                 else:
                     loss, losses, sigmas, batch = self.forward_backward(batch, step_start)
-            keys += batch["key"]
+            keys += batch.keys
             loss_sum += loss.detach()
-            self.window.add(loss.detach(), losses, sigmas, len(batch["key"]) * acc.num_processes)
-            self._reading_skips = batch.get("skipped", {})
+            self.window.add(loss.detach(), losses, sigmas, len(batch) * acc.num_processes)
         grad_norm = self._optimizer_step(loss_sum, keys)  # the last micro-batch synchronised the gradients
         self.progress.step += 1
         self.progress.samples_seen += self.cfg.trainer.global_batch_size
         return grad_norm
 
-    def forward_backward(self, batch: dict, step_start: int):
+    def forward_backward(self, batch: Batch, step_start: int):
         """Loss and backward of a micro-batch; one whose every sample the encoders refuse is replaced by the
         next (returned with the result)."""
         try:
@@ -252,7 +251,7 @@ class Trainer:
         self.accelerator.backward(loss)
         return loss, losses, sigmas, batch
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Rectified-flow loss of one micro-batch: (mean loss, per-sample losses, sigmas); None when the
         encoders refused every sample of it (counted as skips)."""
         obj = self.cfg.objective
@@ -293,7 +292,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _next_batch(self, step_start: int) -> dict:
+    def _next_batch(self, step_start: int) -> Batch:
         try:
             return next(self.batches)
         except DataError as err:
@@ -330,7 +329,7 @@ class Trainer:
                          window.seconds, acc.num_processes, self.peak_tflops),
             **window.sigma_losses,
         }
-        skipped = Counter(self._reading_skips) + Counter(self.encoder.skips.counts)  # reading + encoding
+        skipped = self.batches.skips + Counter(self.encoder.skips.counts)  # reading + encoding
         record.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
         self.run_log.write(record)
 

@@ -17,12 +17,13 @@ import torch.nn.attention.varlen
 from diffusers.models import attention_dispatch
 from omegaconf import OmegaConf
 
+from editflow.data.batches import EncodedBatch
 from editflow.data.preencoded import EncodedSample
 from editflow.data.shards import shard_urls
 from editflow.data.stream import BucketStream, ShardSet
 from editflow.data.toy import make_edit
 from editflow.data.toy_shards import write_toy_shards
-from editflow.encoding import FrozenEncoder, TextBucketKey, pad_states, text_padded
+from editflow.frozen_encoders import FrozenEncoder, TextBucketKey, pad_states, text_padded
 from editflow.models.attention import (ALIASES, PLANS, VARLEN_KERNELS, AttentionPlan, attention_plan,
                                        check_attention_backend, joint_attention)
 from editflow.models.build import build_models
@@ -249,11 +250,11 @@ def test_a_sample_output_does_not_depend_on_its_batch_with_text_buckets(tiny_mod
 
 
 def test_frozen_encoder_knows_on_the_cpu_which_batches_need_a_mask():
-    sample = lambda n: EncodedSample(f"k{n}", "shard", "", {"target": torch.zeros(16, 4, 4),
+    sample = lambda n: EncodedSample(f"k{n}", "shard", {"target": torch.zeros(16, 4, 4),
                                                              "states": torch.zeros(n, QWEN_DIM)})
     encoder = FrozenEncoder(None, None, text_pad_multiple=8)
     for lengths, padded in (((5, 7), False), ((5, 12), True)):
-        batch = {"key": [f"k{n}" for n in lengths], "encoded": [sample(n) for n in lengths]}
+        batch = EncodedBatch([f"k{n}" for n in lengths], [sample(n) for n in lengths])
         assert encoder(batch, "cpu")[4] is padded
 
 

@@ -17,7 +17,7 @@ BASE = str(ASSETS / "tiny" / "base")
 
 def toy_states(conditioner, seeds):
     from editflow.data.toy import make_edit
-    from editflow.encoding import pad_states
+    from editflow.frozen_encoders import pad_states
 
     rows = []
     for i in seeds:

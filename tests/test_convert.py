@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from editflow.data.convert import convert, verify
-from editflow.data.loader import read_samples
-from editflow.data.shards import shard_urls
+from editflow.data.shards import read_samples, shard_urls
 from editflow.data.tokens import budget_from_model
 
 

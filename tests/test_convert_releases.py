@@ -11,8 +11,7 @@ from release_fixtures import (TASKS, gpt_image_edit_download, gpt_image_edit_mem
 
 from editflow.data.convert import convert, verify
 from editflow.data.errors import DataError
-from editflow.data.loader import read_samples
-from editflow.data.shards import shard_urls
+from editflow.data.shards import read_samples, shard_urls
 
 
 def raw_samples(out) -> dict:

@@ -16,8 +16,8 @@ from editflow.config import compose
 from editflow.data.preencoded import TENSORS_EXT, check_pre_encoded, decode_encoded
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
+from editflow.data.shards import iter_tar
 from editflow.data.sources import train_sets
-from editflow.data.stream import iter_tar
 
 from test_train import EXACT, QUICK, read_metrics, run_train
 
@@ -51,8 +51,8 @@ def test_encoded_shards_mirror_the_source_with_the_stored_tensors(encoded, monke
     assert manifest["encoding"]["settings"]["data.bucket_base"] == 64
 
     from editflow.data.samples import decode_sample
-    from editflow.encoding import FrozenEncoder, drop_inputs
     from editflow.data.stream import collate_images
+    from editflow.frozen_encoders import FrozenEncoder, drop_inputs
     from editflow.models.build import build_models
 
     models = build_models(cfg.model)
@@ -62,11 +62,11 @@ def test_encoded_shards_mirror_the_source_with_the_stored_tensors(encoded, monke
     assert stored.key == raw["__key__"]  # same order as the source shard
     sample = decode_sample(raw)
     batch = collate_images([sample], (64, 64))
-    torch.testing.assert_close(stored.tensors["target"], encoder.latents(batch["target"])[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(stored.tensors["source"], encoder.latents(batch["source"])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored.tensors["target"], encoder.latents(batch.target)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stored.tensors["source"], encoder.latents(batch.source)[0], atol=1e-5, rtol=1e-5)
     for drop, field in [(None, "states"), ("text", "states_drop_text"), ("image", "states_drop_image"),
                         ("both", "states_drop_both")]:
-        text, image = drop_inputs(sample.instruction, batch["source_images"][0], drop)
+        text, image = drop_inputs(sample.instruction, batch.source_images[0], drop)
         expected = encoder.states([image], [text])[0]
         assert stored.tensors[field].shape == expected.shape, field
         torch.testing.assert_close(stored.tensors[field], expected, atol=1e-4, rtol=1e-4)

@@ -58,19 +58,42 @@ def test_loss_weightings():
 
 
 def test_condition_dropout_rates_and_what_qwen_sees():
-    from editflow.encoding import condition_dropout
+    from editflow.data.batches import ImageBatch
+    from editflow.frozen_encoders import condition_dropout
 
     n = 20000
-    batch = {"key": [f"k{i}" for i in range(n)], "instruction": ["make it red"] * n, "source_images": ["img"] * n}
+    pixels = torch.zeros(n, 3, 2, 2, dtype=torch.uint8)
+    batch = ImageBatch([f"k{i}" for i in range(n)], ["make it red"] * n, pixels, pixels, ["img"] * n)
     torch.manual_seed(0)
     dropped = condition_dropout(batch, 0.1, 0.05, 0.2)
-    kinds = [k.partition("#drop-")[2] for k in dropped["key"]]
+    assert type(dropped) is ImageBatch and dropped.target is batch.target
+    kinds = [k.partition("#drop-")[2] for k in dropped.keys]
     for kind, p in (("text", 0.1), ("image", 0.05), ("both", 0.2), ("", 0.65)):
         share = kinds.count(kind) / n
         assert abs(share - p) < 4 * (p * (1 - p) / n) ** 0.5, (kind, share)  # within 4 standard errors
-    for kind, text, image in zip(kinds, dropped["instruction"], dropped["source_images"]):
+    for kind, text, image in zip(kinds, dropped.instructions, dropped.source_images):
         assert (text == "") == (kind in ("text", "both")) and (image is None) == (kind in ("image", "both"))
-    assert batch["instruction"][0] == "make it red" and condition_dropout(batch, 0, 0, 0) is batch
+    # a new batch: the loader's own is left as it was
+    assert set(batch.instructions) == {"make it red"} and set(batch.source_images) == {"img"}
+    assert not any("#drop-" in k for k in batch.keys) and condition_dropout(batch, 0, 0, 0) is batch
+
+
+def test_condition_dropout_of_a_pre_encoded_batch_names_the_stored_states_to_read():
+    from editflow.data.batches import EncodedBatch
+    from editflow.data.preencoded import EncodedSample
+    from editflow.frozen_encoders import FrozenEncoder, condition_dropout, states_field
+
+    tensors = {"target": torch.zeros(16, 2, 2), **{states_field(d): torch.full((3, 8), float(i))
+                                                   for i, d in enumerate([None, "text", "image", "both"])}}
+    samples = [EncodedSample(f"k{i}", "s.tar", tensors) for i in range(64)]
+    batch = EncodedBatch([s.key for s in samples], samples)
+    torch.manual_seed(0)
+    dropped = condition_dropout(batch, 0.25, 0.25, 0.25)
+    assert batch.drops is None and set(dropped.drops) == {None, "text", "image", "both"}
+    assert [k.partition("#drop-")[2] or None for k in dropped.keys] == dropped.drops
+    states = FrozenEncoder(None, None)(dropped, "cpu")[2]  # each sample reads the states of its outcome
+    expected = [float([None, "text", "image", "both"].index(d)) for d in dropped.drops]
+    assert states[:, 0, 0].tolist() == expected
 
 
 def test_sigma_bins_partition_the_batch():
@@ -160,20 +183,21 @@ def test_image_batches_carry_the_region_when_asked():
     samples = [EditSample(e.key, e.source, e.target, e.instruction, e.meta, e.mask) for e in edits]
     samples[1].mask = None  # real data: the region comes from |source - target|
     batch = collate_images(samples, (64, 64), regions=True)
-    assert batch["region"].shape == (2, 64, 64) and batch["region"].dtype == torch.bool
-    assert torch.equal(batch["region"][0], torch.from_numpy(np.asarray(edits[0].mask) > 0))
-    assert batch["region"][1].any() and batch["region"][1].float().mean() <= edits[1].meta["changed_fraction"]
-    assert "region" not in collate_images(samples, (64, 64))
+    assert batch.region.shape == (2, 64, 64) and batch.region.dtype == torch.bool
+    assert torch.equal(batch.region[0], torch.from_numpy(np.asarray(edits[0].mask) > 0))
+    assert batch.region[1].any() and batch.region[1].float().mean() <= edits[1].meta["changed_fraction"]
+    assert collate_images(samples, (64, 64)).region is None
 
 
 def test_pre_encoded_batches_use_the_stored_region_and_name_a_missing_one():
+    from editflow.data.batches import EncodedBatch
     from editflow.data.preencoded import EncodedSample
     from editflow.data.regions import batch_region
 
     region = torch.zeros(4, 4, dtype=torch.uint8)
     region[1, 2] = 1
-    stored = EncodedSample("k0", "shard-0.tar", "make it red", {"target": torch.zeros(16, 4, 4), "region": region})
-    assert torch.equal(batch_region({"encoded": [stored]}, (4, 4)), region.bool()[None])
-    old = EncodedSample("k1", "shard-1.tar", "make it red", {"target": torch.zeros(16, 4, 4)})
+    stored = EncodedSample("k0", "shard-0.tar", {"target": torch.zeros(16, 4, 4), "region": region})
+    assert torch.equal(batch_region(EncodedBatch(["k0"], [stored]), (4, 4)), region.bool()[None])
+    old = EncodedSample("k1", "shard-1.tar", {"target": torch.zeros(16, 4, 4)})
     with pytest.raises(KeyError, match="shard-1.tar, key k1: no region tensor.*Re-run `editflow encode`"):
-        batch_region({"encoded": [stored, old]}, (4, 4))
+        batch_region(EncodedBatch(["k0", "k1"], [stored, old]), (4, 4))

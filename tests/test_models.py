@@ -3,10 +3,10 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
+from editflow.data.pixels import image_tensor
 from editflow.data.toy import make_edit
-from editflow.encoding import pad_states
+from editflow.frozen_encoders import pad_states
 from editflow.models.packing import image_ids, pack, unpack
-from editflow.data.loader import image_tensor
 from editflow.pipeline import EditPipeline
 
 

@@ -4,8 +4,7 @@ import sys
 
 import numpy as np
 
-from editflow.data.loader import read_samples
-from editflow.data.shards import read_manifest, sha256_file, shard_urls
+from editflow.data.shards import read_manifest, read_samples, sha256_file, shard_urls
 from editflow.data.toy import make_edit
 from editflow.data.toy_shards import write_toy_shards
 

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from editflow.data.loader import ordered_map
+from editflow.data.batches import ImageBatch
 from editflow.data.shards import shard_urls, write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
+from editflow.data.threads import ordered_map
 from editflow.data.toy_shards import toy_sample, write_toy_shards
 from editflow.errors import DataError
 
@@ -24,7 +25,12 @@ def toy_urls(tmp_path_factory):
 
 
 def keys_of(loader, n):
-    return [k for batch in itertools.islice(loader, n) for k in batch["key"]]
+    return [k for batch in itertools.islice(loader, n) for k in batch.keys]
+
+
+def with_skips(loader, n):
+    """The loader's next `n` batches, each with the skip counts the loader reports right after it."""
+    return [(batch, dict(loader.skips)) for batch in itertools.islice(loader, n)]
 
 
 def make(urls, rank=0, world=1, batch=4, seed=0, workers=0, buffer=16, threads=0, **kw):
@@ -52,23 +58,23 @@ def test_workers_split_a_rank_without_overlap(toy_urls):
 
 def test_resume_continues_with_the_next_unseen_batch(toy_urls):
     reference = make(toy_urls, seed=3)
-    expected = [b["key"] for b in itertools.islice(reference, 12)]
+    expected = [b.keys for b in itertools.islice(reference, 12)]
     first = make(toy_urls, seed=3)
-    seen = [b["key"] for b in itertools.islice(first, 5)]
+    seen = [b.keys for b in itertools.islice(first, 5)]
     state = first.state_dict()
     resumed = make(toy_urls, seed=3)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
-    seen += [b["key"] for b in itertools.islice(resumed, 7)]
+    seen += [b.keys for b in itertools.islice(resumed, 7)]
     assert seen == expected
 
 
 def test_resume_with_workers(toy_urls):
-    expected = [b["key"] for b in itertools.islice(make(toy_urls, workers=2), 9)]
+    expected = [b.keys for b in itertools.islice(make(toy_urls, workers=2), 9)]
     first = make(toy_urls, workers=2)
-    seen = [b["key"] for b in itertools.islice(first, 4)]
+    seen = [b.keys for b in itertools.islice(first, 4)]
     resumed = make(toy_urls, workers=2)
     resumed.load_state_dict(first.state_dict())
-    seen += [b["key"] for b in itertools.islice(resumed, 5)]
+    seen += [b.keys for b in itertools.islice(resumed, 5)]
     assert seen == expected
 
 
@@ -85,8 +91,8 @@ def test_batches_share_one_bucket(tmp_path):
     write_shard(tmp_path / "mixed.tar", samples)
     loader = make([str(tmp_path / "mixed.tar")], batch=4)
     for batch in itertools.islice(loader, 6):
-        assert batch["target"].shape[-2:] == batch["source"].shape[-2:]
-        assert len({tuple(t.shape) for t in batch["target"]}) == 1
+        assert batch.target.shape[-2:] == batch.source.shape[-2:]
+        assert len({tuple(t.shape) for t in batch.target}) == 1
 
 
 def test_weighted_mixing_follows_the_weights(tmp_path):
@@ -109,10 +115,27 @@ def test_bad_samples_are_counted_and_too_many_stop_the_run(threads, tmp_path):
     lenient = make([str(tmp_path / "bad.tar")], batch=4, buffer=1, max_skip_rate=0.9, min_seen_for_skip_rate=1000,
                    threads=threads)
     batch = next(lenient)
-    assert len(batch["key"]) == 2 and batch["skipped"] == {"undecodable_image": 2}
+    assert len(batch) == 2 and lenient.skips == {"undecodable_image": 2}
     strict = make([str(tmp_path / "bad.tar")], batch=4, max_skip_rate=0.1, min_seen_for_skip_rate=10, threads=threads)
     with pytest.raises(RuntimeError, match="max_skip_rate"):
         list(itertools.islice(strict, 20))
+
+
+def test_the_loader_reports_the_skips_of_all_its_workers(tmp_path):
+    urls = []
+    for shard in range(2):  # one shard per worker, each with two undecodable samples among its first five
+        samples = [toy_sample(i, seed=shard, size=64) for i in range(10)]
+        for s in (samples[0], samples[4]):
+            s["src.png"] = b"not a png"
+        write_shard(tmp_path / f"{shard}.tar", samples)
+        urls.append(str(tmp_path / f"{shard}.tar"))
+    loader = make(urls, workers=2, batch=4, buffer=1, max_skip_rate=0.9)
+    assert loader.skips == {}
+    batches = list(itertools.islice(loader, 2))  # one batch from each worker: 4 samples read, 1 skipped
+    assert all(isinstance(b, ImageBatch) for b in batches) and [len(b) for b in batches] == [3, 3]
+    assert loader.skips == {"undecodable_image": 2}
+    next(loader)
+    assert loader.skips == {"undecodable_image": 3}
 
 
 def truncate(path, fraction):
@@ -128,9 +151,9 @@ def test_truncated_shard_is_counted_as_a_skip_naming_it(threads, tmp_path, caplo
     loader = make([str(tmp_path / "good.tar"), str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.5,
                   threads=threads)
     batches = list(itertools.islice(loader, 12))
-    assert batches[-1]["skipped"]["unreadable_shard"] >= 1
+    assert loader.skips["unreadable_shard"] >= 1
     assert any("cut.tar cannot be read to the end" in r.message for r in caplog.records)
-    keys = {k for b in batches for k in b["key"]}
+    keys = {k for b in batches for k in b.keys}
     assert {s["__key__"] for s in good} <= keys  # the intact shard, and what precedes the damage, still train
     strict = make([str(tmp_path / "cut.tar")], batch=2, buffer=1, max_skip_rate=0.01, min_seen_for_skip_rate=5,
                   threads=threads)
@@ -172,8 +195,8 @@ def test_two_records_under_one_key_are_skipped_as_duplicates(threads, tmp_path):
     write_shard(tmp_path / "dup.tar", samples)
     loader = make([str(tmp_path / "dup.tar")], batch=1, buffer=1, max_skip_rate=0.9, threads=threads)
     batches = list(itertools.islice(loader, 2))
-    assert batches[-1]["skipped"] == {"duplicate_key": 1}
-    assert samples[0]["__key__"] not in {k for b in batches for k in b["key"]}
+    assert loader.skips == {"duplicate_key": 1}
+    assert samples[0]["__key__"] not in {k for b in batches for k in b.keys}
 
 
 def test_worker_errors_reach_the_trainer_as_one_paragraph(tmp_path):
@@ -187,7 +210,7 @@ def test_a_shard_cut_between_two_members_is_detected(tmp_path):
     """tarfile ends silently when the cut falls on a member boundary: the missing end blocks give it away."""
     import tarfile
 
-    from editflow.data.loader import iter_tar
+    from editflow.data.shards import iter_tar
 
     write_shard(tmp_path / "s.tar", [toy_sample(i, seed=0, size=64) for i in range(4)])
     with tarfile.open(tmp_path / "s.tar") as tar:
@@ -227,14 +250,14 @@ def test_decode_threads_change_the_speed_not_the_stream(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BucketStream, "_make", jittered)
     options = dict(batch=3, buffer=4, max_skip_rate=0.9)
-    serial = list(itertools.islice(make(urls, **options), 25))
+    serial = with_skips(make(urls, **options), 25)
     assert made_in == {"MainThread"}
-    threaded = list(itertools.islice(make(urls, threads=2, **options), 25))
+    threaded = with_skips(make(urls, threads=2, **options), 25)
     assert "editflow-decode" in made_in
-    assert {"undecodable_image", "duplicate_key", "unreadable_shard"} <= serial[-1]["skipped"].keys()
-    for mine, theirs in zip(serial, threaded, strict=True):
-        assert mine["key"] == theirs["key"] and mine["skipped"] == theirs["skipped"]
-        assert torch.equal(mine["target"], theirs["target"]) and torch.equal(mine["source"], theirs["source"])
+    assert {"undecodable_image", "duplicate_key", "unreadable_shard"} <= serial[-1][1].keys()
+    for (mine, my_skips), (theirs, their_skips) in zip(serial, threaded, strict=True):
+        assert mine.keys == theirs.keys and my_skips == their_skips
+        assert torch.equal(mine.target, theirs.target) and torch.equal(mine.source, theirs.source)
 
 
 def test_resume_with_decode_threads_continues_exactly(toy_urls):
@@ -244,8 +267,8 @@ def test_resume_with_decode_threads_continues_exactly(toy_urls):
     resumed = make(toy_urls, seed=5)  # the thread count is no part of the position
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     seen += list(itertools.islice(resumed, 5))
-    assert [b["key"] for b in seen] == [b["key"] for b in reference]
-    assert all(torch.equal(a["target"], b["target"]) for a, b in zip(seen, reference, strict=True))
+    assert [b.keys for b in seen] == [b.keys for b in reference]
+    assert all(torch.equal(a.target, b.target) for a, b in zip(seen, reference, strict=True))
 
 
 def test_workers_leave_decode_threads_unused_and_say_so(toy_urls, caplog):

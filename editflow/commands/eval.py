@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from editflow.data.loader import read_samples
+from editflow.data.shards import read_samples
 from editflow.data.sources import resolve_urls
 from editflow.edit import check_writable
 from editflow.errors import EditflowError, report

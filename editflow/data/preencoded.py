@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from editflow.data.batches import EncodedBatch
 from editflow.data.samples import SampleError
 
 TENSORS_EXT = "enc.safetensors"
@@ -34,7 +35,6 @@ TENSORS_EXT = "enc.safetensors"
 class EncodedSample:
     key: str
     url: str
-    instruction: str
     tensors: dict[str, torch.Tensor]
 
 
@@ -96,7 +96,7 @@ def check_pre_encoded(sets: list, cfg: DictConfig) -> bool:
 
 def encoded_sample(key: str, meta: dict, bucket: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict:
     """A webdataset sample dict for an encoded shard."""
-    # text_tokens: the stream groups batches by the length of the conditioning (encoding.TextBucketKey)
+    # text_tokens: the stream groups batches by the length of the conditioning (frozen_encoders.TextBucketKey)
     meta = {**meta, "encoded_bucket": list(bucket), "text_tokens": int(tensors["states"].shape[0])}
     blob = save_tensors({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()})
     return {"__key__": key, "json": json.dumps(meta).encode(), TENSORS_EXT: blob}
@@ -110,21 +110,16 @@ def decode_encoded(raw: dict) -> EncodedSample:
     if TENSORS_EXT not in raw:
         raise SampleError("missing_field", f"{where}: no {TENSORS_EXT} field (not a pre-encoded shard?)")
     try:
-        meta = json.loads(raw["json"])
+        json.loads(raw["json"])  # unreadable metadata makes a bad sample, as unreadable tensors do
         tensors = load_tensors(raw[TENSORS_EXT])
     except (ValueError, UnicodeDecodeError, SafetensorError) as err:
         raise SampleError("bad_encoding", f"{where}: unreadable json or {TENSORS_EXT} ({err})") from err
     for field in ("target", "states"):
         if field not in tensors:
             raise SampleError("missing_field", f"{where}, field {TENSORS_EXT}: no {field} tensor")
-    return EncodedSample(raw["__key__"], raw.get("__url__", "?"), meta.get("instruction", ""), tensors)
+    return EncodedSample(raw["__key__"], raw.get("__url__", "?"), tensors)
 
 
-def collate_encoded(samples: list[EncodedSample]) -> dict:
-    """A batch of encoded samples of one bucket; the trainer's FrozenEncoder reads `encoded`."""
-    return {
-        "key": [s.key for s in samples],
-        "instruction": [s.instruction for s in samples],
-        "encoded": samples,
-        "text_to_image": ["source" not in s.tensors for s in samples],
-    }
+def collate_encoded(samples: list[EncodedSample]) -> EncodedBatch:
+    """The batch of encoded samples of one bucket."""
+    return EncodedBatch(keys=[s.key for s in samples], samples=samples)

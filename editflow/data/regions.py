@@ -4,7 +4,7 @@ Toy shards carry it exactly (`{key}.mask.png`); for other data it is |source - t
 It serves the evaluation (the error inside and outside the region) and the region-weighted loss
 (`objective.region_weighting`). It is computed once per sample: `editflow encode` stores it with the
 latents (at latent resolution, `region`), the image loader takes a shard's mask or computes it when it
-loads the sample. `editflow data convert` can store it in shards as `{key}.mask.png` with `region_image`.
+loads the sample.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from editflow.data.batches import Batch, EncodedBatch
 from editflow.data.images import to_gray, to_rgb
 
 # A pixel has changed when its mean absolute difference over the channels exceeds this ([0, 1] scale):
@@ -38,11 +39,6 @@ def changed_region(source: Image.Image, target: Image.Image, mask: Image.Image |
     return difference.mean(-1) > threshold
 
 
-def region_image(source: Image.Image, target: Image.Image, mask: Image.Image | None = None) -> Image.Image:
-    """The changed region as an "L" image (255 = changed), the format of a shard's `{key}.mask.png`."""
-    return Image.fromarray(changed_region(source, target, mask).astype(np.uint8) * 255, "L")
-
-
 def latent_region(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) pixel region -> (B, h, w) at latent resolution: a latent cell belongs to the region when
     any of its pixels does (max-pooling, as the public GPT-Image-Edit code does)."""
@@ -53,14 +49,14 @@ def latent_region(region: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(region[:, None].float(), kernel)[:, 0] > 0
 
 
-def batch_region(batch: dict, size: tuple[int, int]) -> torch.Tensor:
+def batch_region(batch: Batch, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) changed region of a training batch at latent resolution: stored by `editflow encode`, or
     pooled from the image loader's pixel region."""
-    if "encoded" in batch:
-        for sample in batch["encoded"]:
+    if isinstance(batch, EncodedBatch):
+        for sample in batch.samples:
             if "region" not in sample.tensors:
                 raise KeyError(f"shard {sample.url}, key {sample.key}: no region tensor; these shards were encoded "
                                "before `editflow encode` stored changed regions. Re-run `editflow encode` to train "
                                "with objective.region_weighting, or set objective.region_weighting=none")
-        return torch.stack([sample.tensors["region"].bool() for sample in batch["encoded"]])
-    return latent_region(batch["region"], size)
+        return torch.stack([sample.tensors["region"].bool() for sample in batch.samples])
+    return latent_region(batch.region, size)

@@ -1,9 +1,10 @@
-"""WebDataset shard files: atomic writing and the manifest that lists them.
+"""WebDataset shard files: atomic writing, the manifest that lists them, and reading them in order.
 
 A shard is written under a temporary name and renamed only once complete, so a
 crash never leaves a half-written file under a shard's name. `manifest.json`
 lists every finished shard with its sample count and sha256; readers and
-`editflow data verify` trust only what it lists.
+`editflow data verify` trust only what it lists. Reading (`iter_tar`) tells a
+damaged shard from a complete one, also when it was cut between two members.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
+from editflow.data.samples import EditSample, decode_sample
+from editflow.errors import DataError
+
 MANIFEST = "manifest.json"
+# What reading a damaged, truncated or vanished shard raises (zlib/gzip errors are OSError or EOFError).
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -117,3 +124,51 @@ def shard_urls(directory: str | os.PathLike) -> list[str]:
         raise ValueError(f"{directory}: {MANIFEST} lists 0 samples (the conversion rejected every record; see "
                          f"{Path(directory) / 'rejects.jsonl'}): nothing to read")
     return [str(directory / entry["file"]) for entry in manifest["shards"]]
+
+
+def iter_tar(url: str, meta_only=lambda: False) -> Iterator[dict]:
+    """Samples of one tar shard as webdataset dicts; while `meta_only()` is true, non-json members are skipped
+    unread (tarfile seeks over them) and the sample is marked `__partial__`. A member that repeats one of
+    its sample's fields (two records written under one key) marks the sample `__duplicate__`. A shard cut
+    short raises tarfile.ReadError (tarfile itself stops silently when the cut falls between members)."""
+    with tarfile.open(url, mode="r:") as tar:
+        current: dict | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if ext in current:
+                current["__duplicate__"] = ext
+            if ext == "json" or not meta_only():
+                current[ext] = tar.extractfile(member).read()
+            else:
+                current["__partial__"] = True
+        tar.fileobj.seek(tar.offset)  # where tarfile stopped: a complete archive has its end blocks there
+        if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(f"no end-of-archive blocks at byte {tar.offset}: the file is cut short or "
+                                    "damaged there")
+        if current is not None:
+            yield current
+
+
+def read_samples(urls: list[str], limit: int | None = None) -> list[EditSample]:
+    """Every sample of `urls` in order (evaluation and previews); a bad sample or a shard that cannot be read
+    to the end is an error naming it, not a skip (a score must cover the whole set)."""
+    samples: list[EditSample] = []
+    for url in urls:
+        done = len(samples)
+        try:
+            for raw in iter_tar(url):
+                if limit is not None and len(samples) >= limit:
+                    return samples
+                samples.append(decode_sample(raw))
+        except SHARD_ERRORS as err:
+            raise DataError(f"shard {url} cannot be read to the end (after {len(samples) - done} samples: "
+                            f"{type(err).__name__}: {err}); it is truncated or corrupt: copy it again (`editflow "
+                            "data verify DIR` checks a shard directory against its manifest)") from None
+    return samples

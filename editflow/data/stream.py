@@ -29,20 +29,25 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from editflow.data.batches import Batch, ImageBatch
 from editflow.data.buckets import nearest_bucket, resize_to_bucket, scaled_bucket
-from editflow.data.loader import SHARD_ERRORS, PixelImages, iter_tar, ordered_map, pixel_batch, usable_cpus
+from editflow.data.pixels import PixelImages, pixel_batch
 from editflow.data.preencoded import collate_encoded, decode_encoded
 from editflow.data.regions import changed_region
 from editflow.data.samples import EditSample, SampleError, decode_sample, reject_duplicate
+from editflow.data.shards import SHARD_ERRORS, iter_tar
 from editflow.data.skips import SkipCounter
+from editflow.data.threads import ordered_map, usable_cpus
 from editflow.errors import ConfigError, DataError, EditflowError
 
 log = logging.getLogger(__name__)
@@ -93,11 +98,9 @@ def decode_in_bucket(raw: dict, bucket: tuple, source_pixels: int | None = None)
 
 
 def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | None = None,
-                   square_only: bool = False, regions: bool = False) -> dict:
-    """Decoded samples of one bucket -> a batch: images fitted to the bucket (the source to its scaled
-    bucket when `source_pixels` is set), as uint8 (B, 3, H, W) pixel batches (`FrozenEncoder.latents`
-    normalises them on the device) and, for Qwen, the same source pixels as PIL images. With `regions`,
-    also each sample's changed region at the target's size (`region`, (B, H, W) bool)."""
+                   square_only: bool = False, regions: bool = False) -> ImageBatch:
+    """Decoded samples of one bucket -> their batch: images fitted to the bucket (the source to its scaled
+    bucket when `source_pixels` is set) and, with `regions`, each sample's changed region."""
     sizes = fit_sizes(bucket, source_pixels)
     fit = resize_to_bucket
     if square_only:  # squash, as the reference does, instead of cropping to the bucket's aspect
@@ -105,24 +108,29 @@ def collate_images(samples: list, bucket: tuple[int, int], source_pixels: int | 
     targets = [fit(s.target, sizes["tgt"]) for s in samples]
     sources = [fit(s.source, sizes["src"]) if s.source is not None else None for s in samples]
     source = pixel_batch(sources) if all(s is not None for s in sources) else None
-    batch = {
-        "key": [s.key for s in samples],
-        "instruction": [s.instruction for s in samples],
-        "target": pixel_batch(targets),
-        "source": source,
-        "source_images": PixelImages(source, sources) if source is not None else [None] * len(samples),
-        "text_to_image": [s is None for s in sources],
-    }
+    region = None
     if regions:  # the shard's mask when it has one, else |source - target|; all of a text-to-image target
-        batch["region"] = torch.from_numpy(np.stack([
+        region = torch.from_numpy(np.stack([
             np.ones((bucket[1], bucket[0]), dtype=bool) if s.source is None else
             changed_region(fit(s.source, bucket), t, None if s.mask is None else fit(s.mask, bucket))
             for s, t in zip(samples, targets)]))
-    return batch
+    return ImageBatch(keys=[s.key for s in samples], instructions=[s.instruction for s in samples],
+                      target=pixel_batch(targets), source=source,
+                      source_images=PixelImages(source, sources) if source is not None else [None] * len(samples),
+                      region=region)
 
 
 # What a sample read from the stream came to: None (usable) or the (reason, message) it was skipped for.
 Outcome = tuple[str, str] | None
+
+
+class StreamItem(NamedTuple):
+    """What the stream yields: a batch, and the skip counts per reason of the reader that made it (this
+    process or DataLoader worker `worker`) as of that batch; `ResumableLoader` keeps the counts."""
+
+    batch: Batch
+    worker: int
+    skips: dict[str, int]
 
 
 class BucketStream(IterableDataset):
@@ -167,7 +175,7 @@ class BucketStream(IterableDataset):
         self.source_pixels = source_pixels
         self.square_only = square_only  # the reference's behaviour: every image squashed to base x base
         self.encoded = encoded  # shards of `editflow encode`: latents and Qwen states instead of images
-        # a second grouping key from (raw sample, bucket): the text bucket (encoding.TextBucketKey), so that
+        # a second grouping key from (raw sample, bucket): the text bucket (frozen_encoders.TextBucketKey), so that
         # batches need no attention mask
         self.text_key = text_key
         self.decode_threads = decode_threads
@@ -256,7 +264,7 @@ class BucketStream(IterableDataset):
             yield raws, read
 
     # -- decoding ----------------------------------------------------------------------------
-    def _make(self, group: tuple[list[dict], list[Outcome]]) -> tuple[dict | None, list[Outcome]]:
+    def _make(self, group: tuple[list[dict], list[Outcome]]) -> tuple[Batch | None, list[Outcome]]:
         """One raw batch -> (its batch of the samples that decode, or None if none does; the outcome of every
         sample read). Reads no state that changes while the stream runs, so threads can run it at once."""
         raws, outcomes = group[0], list(group[1])
@@ -284,12 +292,12 @@ class BucketStream(IterableDataset):
         reject_duplicate(raw)
         return decode_encoded(raw) if self.encoded else decode_in_bucket(raw, bucket, self.source_pixels)
 
-    def collate(self, samples: list, bucket: tuple[int, int]) -> dict:
+    def collate(self, samples: list, bucket: tuple[int, int]) -> Batch:
         if self.encoded:
             return collate_encoded(samples)
         return collate_images(samples, bucket[:2], self.source_pixels, self.square_only, self.regions)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[StreamItem]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Batches are taken round-robin from the workers: worker w produced batches w, w + n, ...
@@ -308,7 +316,7 @@ class BucketStream(IterableDataset):
         for batch, outcomes in made:
             self._count(outcomes)
             if batch is not None:
-                yield {**batch, "skipped": dict(self.skips.counts)}
+                yield StreamItem(batch, worker, dict(self.skips.counts))
 
 
 class ResumableLoader:
@@ -316,7 +324,8 @@ class ResumableLoader:
 
     `num_workers` > 0 makes the batches in DataLoader worker processes, each decoding one batch at a time
     (the stream's `decode_threads` is then not used); 0 makes them in this process, with the stream's
-    decode threads. The worker count shapes the order of the batches, the thread count does not."""
+    decode threads. The worker count shapes the order of the batches, the thread count does not. The
+    loader reports what the stream skipped (`skips`), all workers together."""
 
     def __init__(self, stream: BucketStream, num_workers: int = 0):
         self.stream, self.num_workers = stream, num_workers
@@ -327,6 +336,7 @@ class ResumableLoader:
                         stream.decode_threads)
         self.batches_yielded = 0
         self._iterator = None
+        self._skips_of_worker: dict[int, dict[str, int]] = {}  # each reader's counts, as of its latest batch
 
     def _make(self):
         self.stream.skip_batches = self.batches_yielded
@@ -340,18 +350,25 @@ class ResumableLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    @property
+    def skips(self) -> Counter:
+        """Samples and shards skipped so far per reason (`unreadable_shard`, `undecodable_image`, ...), as of
+        the latest batch: the counts the metrics report as `data/skipped_*`."""
+        return sum((Counter(counts) for counts in self._skips_of_worker.values()), Counter())
+
+    def __next__(self) -> Batch:
         if self._iterator is None:
             self._iterator = self._make()
         try:
-            batch = next(self._iterator)
+            item = next(self._iterator)
         except EditflowError as err:  # from a worker: re-raised with its traceback in the message
             message = str(err)
             if message.startswith("Caught "):
                 message = message.rstrip().rsplit(f"{type(err).__name__}: ", 1)[-1]
             raise type(err)(message) from None
+        self._skips_of_worker[item.worker] = item.skips
         self.batches_yielded += 1
-        return batch
+        return item.batch
 
     def state_dict(self) -> dict:
         return {"batches_yielded": self.batches_yielded, "world_size": self.stream.world_size,

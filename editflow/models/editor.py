@@ -77,7 +77,7 @@ class KontextEditor(nn.Module):
         """Training entry point (what DDP/DeepSpeed wrap): Qwen states -> connector -> transformer.
 
         padded: whether some sample's visible text is shorter than the batch's (known on the CPU from the
-        lengths, see encoding.FrozenEncoder); None reads it from `mask` (a host sync)."""
+        lengths, see frozen_encoders.FrozenEncoder); None reads it from `mask` (a host sync)."""
         prompt_embeds, pooled, text_mask = self.condition(states, mask)
         return self.denoise(noisy, sources, prompt_embeds, pooled, text_mask, sigma, guidance, padded)
 

@@ -10,13 +10,15 @@ run keep Qwen and the VAE off the accelerator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
 import torch
 
+from editflow.data.batches import Batch, EncodedBatch, ImageBatch
 from editflow.data.buckets import scaled_bucket
-from editflow.data.loader import unit_range
+from editflow.data.pixels import unit_range
 from editflow.data.skips import SkipCounter
 from editflow.errors import DataError
 from editflow.models.conditioner import QwenVLConditioner
@@ -86,19 +88,21 @@ def drop_inputs(instruction: str, image, drop: str | None) -> tuple[str, object]
     return (instruction if keep_text else ""), (image if keep_image else None)
 
 
-def condition_dropout(batch: dict, p_text: float, p_image: float, p_both: float) -> dict:
+def condition_dropout(batch: Batch, p_text: float, p_image: float, p_both: float) -> Batch:
     """Classifier-free guidance training: per sample, Qwen sees the source image without the instruction
     (p_text), the instruction without the image (p_image), or neither (p_both) — the inputs of the
-    two-scale sampler's unconditional branches. The outcome is recorded in `batch["drop"]`."""
-    drops = draw_drops(len(batch["key"]), p_text, p_image, p_both)
+    two-scale sampler's unconditional branches. Returns a new batch (`batch` itself when nothing is dropped) in
+    which a dropped sample's key names what was dropped; an image batch holds what Qwen then reads, a
+    pre-encoded one each sample's outcome (`drops`), which picks its stored states."""
+    drops = draw_drops(len(batch), p_text, p_image, p_both)
     if not any(drops):
         return batch
-    out = {**batch, "drop": drops, "key": [k if d is None else f"{k}#drop-{d}" for k, d in zip(batch["key"], drops)]}
-    if "source_images" in batch:  # raw images (pre-encoded batches pick stored states instead)
-        inputs = [drop_inputs(t, im, d) for t, im, d in zip(batch["instruction"], batch["source_images"], drops)]
-        out["instruction"] = [t for t, _ in inputs]
-        out["source_images"] = [im for _, im in inputs]
-    return out
+    keys = [k if d is None else f"{k}#drop-{d}" for k, d in zip(batch.keys, drops)]
+    if isinstance(batch, EncodedBatch):
+        return dataclasses.replace(batch, keys=keys, drops=drops)
+    inputs = [drop_inputs(t, im, d) for t, im, d in zip(batch.instructions, batch.source_images, drops)]
+    return dataclasses.replace(batch, keys=keys, instructions=[t for t, _ in inputs],
+                               source_images=[im for _, im in inputs])
 
 
 class FrozenEncoder:
@@ -128,14 +132,14 @@ class FrozenEncoder:
         states, mask = self.conditioner.encode(images, instructions)  # mask on the CPU: slicing needs no sync
         return [states[j, : int(length)] for j, length in enumerate(mask.sum(1))]
 
-    def _encode(self, batch: dict, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _encode(self, batch: ImageBatch, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         pick = torch.tensor(indices)
-        target = self.latents(batch["target"][pick])
-        source = self.latents(None if batch["source"] is None else batch["source"][pick])
-        states = self.states([batch["source_images"][i] for i in indices], [batch["instruction"][i] for i in indices])
+        target = self.latents(batch.target[pick])
+        source = self.latents(None if batch.source is None else batch.source[pick])
+        states = self.states([batch.source_images[i] for i in indices], [batch.instructions[i] for i in indices])
         return [(target[j], None if source is None else source[j], states[j]) for j in range(len(indices))]
 
-    def _encode_or_skip(self, batch: dict, indices: list[int]) -> dict[int, tuple]:
+    def _encode_or_skip(self, batch: ImageBatch, indices: list[int]) -> dict[int, tuple]:
         """Rows of the samples at `indices` that encode; a refused batch is retried sample by sample to find
         (and count) the ones at fault."""
         try:
@@ -145,18 +149,18 @@ class FrozenEncoder:
                 raise
             if len(indices) > 1:
                 return {i: row for j in indices for i, row in self._encode_or_skip(batch, [j]).items()}
-            self.skips.skip("unencodable", f"sample {batch['key'][indices[0]]}: {err}")
+            self.skips.skip("unencodable", f"sample {batch.keys[indices[0]]}: {err}")
             return {}
         if self.skips is not None:
             self.skips.seen += len(indices)
         return rows
 
     @staticmethod
-    def _stored(batch: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _stored(batch: EncodedBatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Rows of a pre-encoded batch, with the states of each sample's dropout outcome."""
-        drops = batch.get("drop") or [None] * len(batch["encoded"])
+        drops = batch.drops or [None] * len(batch)
         rows = []
-        for sample, drop in zip(batch["encoded"], drops):
+        for sample, drop in zip(batch.samples, drops):
             field = states_field(drop)
             if field not in sample.tensors:
                 raise KeyError(f"shard {sample.url}, key {sample.key}: no {field} tensor; the shards were encoded "
@@ -165,13 +169,13 @@ class FrozenEncoder:
             rows.append((sample.tensors["target"], sample.tensors.get("source"), sample.tensors[field]))
         return rows
 
-    def __call__(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
-                                                      bool] | None:
+    def __call__(self, batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                       bool] | None:
         """(target latents, source latents or None for text-to-image, Qwen states, mask) in fp32 on `device`,
         and whether the batch needs an attention mask (`text_padded`: known here on the CPU, so the step need
         not ask the GPU). Skipped samples leave the batch; None when none is left."""
-        keys = batch["key"]
-        if "encoded" in batch:
+        keys = batch.keys
+        if isinstance(batch, EncodedBatch):
             rows = self._stored(batch)
         elif self.cache is None:
             rows = list(self._encode_or_skip(batch, list(range(len(keys)))).values())
@@ -197,8 +201,8 @@ def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count:
     fresh connector's output scale: stored states of pre-encoded sets, or the conditioner run on the images.
     Samples and shards that training would skip are skipped here too."""
     from editflow.data.preencoded import decode_encoded
-    from editflow.data.loader import SHARD_ERRORS, iter_tar
     from editflow.data.samples import SampleError, decode_sample
+    from editflow.data.shards import SHARD_ERRORS, iter_tar
 
     def states_of(raw: dict) -> torch.Tensor:
         if sets[0].encoding is not None:
