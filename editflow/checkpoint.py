@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editflow.errors import CheckpointError
+from editflow.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -301,6 +301,8 @@ def resume_candidates(resume: str | None, root: Path, model_cfg) -> list[Path]:
     for candidate in candidates:  # the newest readable record of the config decides
         try:
             saved = load_config(candidate)
+        except ConfigError as err:  # readable, but its config does not fit this version's schema
+            raise CheckpointError(f"trainer.resume={resume}: {err}") from None
         except (OSError, ValueError, KeyError):
             continue  # damaged: skipped, with the reason, when loading
         mismatch = config_mismatch(saved.model, model_cfg)

@@ -237,7 +237,7 @@ def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     for override, key in (("optim.lr=-1", "optim.lr"), ("data.train=/nonexistent", "data.train"),
                           (f"hydra.run.dir={tmp_path / 'file' / 'run'}", "hydra.run.dir")):
-        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards",
+        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards", "data.train=/nonexistent",
                                  f"hydra.run.dir={tmp_path / 'run'}", override], env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 1 and "Traceback" not in result.stderr
