@@ -205,8 +205,8 @@ def check_train_spec(spec: Any) -> None:
         key = f"data.train.{name}"
         require(isinstance(entry, dict) and "path" in entry, key,
                 f"expected {{path: DIR or [DIRS], weight: W}}, got {entry!r}")
-        unknown = sorted(set(entry) - {"path", "weight"})
-        require(not unknown, f"{key}.{unknown[0] if unknown else ''}", "unknown key; a set has path and weight")
+        for extra in sorted(set(entry) - {"path", "weight"}):
+            raise ConfigError(f"{key}.{extra}: unknown key; a set has path and weight")
         check_shard_spec(entry["path"], f"{key}.path")
         weight = entry.get("weight")
         require(weight is None or (is_number(weight) and weight >= 0), f"{key}.weight",
