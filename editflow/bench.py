@@ -67,7 +67,7 @@ def transformer_config(model_cfg, layers: int | None, single_layers: int | None)
     """The architecture only: the config's own, or the published FLUX.1-Kontext-dev one for a hub model."""
     from omegaconf import OmegaConf
 
-    if model_cfg.transformer.get("config"):
+    if model_cfg.transformer.config:
         config = OmegaConf.to_container(model_cfg.transformer.config, resolve=True)
     else:
         config = json.loads((ASSETS / "configs" / "flux1-kontext-dev-transformer.json").read_text())
@@ -89,9 +89,9 @@ def random_editor(cfg, arch: dict, device: torch.device, reference: bool) -> Kon
     mcfg = OmegaConf.merge(cfg.model, {"attention_backend": "native"} if reference else {})
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = FluxTransformer2DModel(**arch).to(torch_dtype(mcfg.get("dtype", "float32")))
+        transformer = FluxTransformer2DModel(**arch).to(torch_dtype(mcfg.dtype))
     plan = configure_transformer(transformer, mcfg, training=True)
-    editor = build_editor(mcfg, transformer, plan, qwen_hidden_size(mcfg.qwen.get("pretrained")))
+    editor = build_editor(mcfg, transformer, plan, qwen_hidden_size(mcfg.qwen.pretrained))
     keep_trainable_in_fp32(editor, mcfg)
     return editor.train()
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb / total), device)
     arch = transformer_config(cfg.model, None if args.full_depth else args.layers,
                               None if args.full_depth else args.single_layers)
-    dtype = torch_dtype(cfg.model.get("dtype", "float32"))
+    dtype = torch_dtype(cfg.model.dtype)
     peak = measure_peak_tflops(device, dtype if device.type == "cuda" else torch.float32)
     result = {"device": device_name(device), "date": datetime.date.today().isoformat(),
               "command": "editflow bench train " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "train"] else []),
@@ -209,9 +209,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
                         "text_tokens": args.text_tokens, "steps": args.steps, "warmup": args.warmup,
                         "layers": arch["num_layers"], "single_layers": arch["num_single_layers"],
                         "hidden": arch["num_attention_heads"] * arch["attention_head_dim"],
-                        "dtype": str(dtype).replace("torch.", ""), "trainable": cfg.model.get("trainable", "full"),
-                        "gradient_checkpointing": bool(cfg.model.get("gradient_checkpointing")),
-                        "optimizer": cfg.optim.get("name", "adamw"), "memory_cap_gb": args.memory_cap_gb,
+                        "dtype": str(dtype).replace("torch.", ""), "trainable": cfg.model.trainable,
+                        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                        "optimizer": cfg.optim.name, "memory_cap_gb": args.memory_cap_gb,
                         "torch": torch.__version__, "overrides": overrides}}
     for variant in ("editflow", "reference"):
         if args.only in (None, variant):

@@ -111,9 +111,9 @@ def encoded_shapes(cfg) -> dict[str, tuple[int, int]]:
     from editflow.frozen_encoders import states_field
     from editflow.models.build import qwen_hidden_size
 
-    image_tokens = (cfg.model.qwen.get("max_pixels") or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
+    image_tokens = (cfg.model.qwen.max_pixels or 1024 * 1024) // QWEN_PIXELS_PER_TOKEN
     tokens = {None: image_tokens + INSTRUCTION_TOKENS, "text": image_tokens + 8, "image": INSTRUCTION_TOKENS, "both": 8}
-    width = qwen_hidden_size(cfg.model.qwen.get("pretrained"))
+    width = qwen_hidden_size(cfg.model.qwen.pretrained)
     return {states_field(d): (tokens[d], width) for d in [None, *drawn_drops(cfg.objective)]}
 
 
@@ -125,13 +125,13 @@ def write_encoded_shards(directory: Path, sizes: list[tuple[int, int]], per_shar
     from editflow.models.build import torch_dtype
 
     d, g = cfg.data, torch.Generator().manual_seed(seed)
-    dtype = torch_dtype(cfg.model.get("frozen_dtype", cfg.model.get("dtype", "float32")))
+    dtype = torch_dtype(cfg.model.frozen_dtype)
     states = encoded_shapes(cfg)
     latent = lambda wh: torch.randn(LATENT_CHANNELS, wh[1] // VAE_FACTOR, wh[0] // VAE_FACTOR, generator=g).to(dtype)
 
     def sample(i: int, size: tuple[int, int]) -> dict:
-        bucket = (d.bucket_base,) * 2 if d.get("square_only") else nearest_bucket(*size, d.bucket_base)
-        fitted = fit_sizes(bucket, d.get("source_pixels"))
+        bucket = (d.bucket_base,) * 2 if d.square_only else nearest_bucket(*size, d.bucket_base)
+        fitted = fit_sizes(bucket, d.source_pixels)
         tensors = {"target": latent(fitted["tgt"]), "source": latent(fitted["src"]),
                    **{field: torch.randn(*shape, generator=g).to(dtype) for field, shape in states.items()}}
         return encoded_sample(f"pair-{i:06d}", {"instruction": "Make the sky look like a sunset."}, bucket, tensors)
@@ -191,9 +191,9 @@ def make_loader(urls: list[str], cfg, shuffle_buffer: int, encoded: bool = False
     d = cfg.data
     stream = BucketStream([ShardSet("bench", urls)], cfg.trainer.micro_batch_size, seed=cfg.trainer.seed,
                           shuffle_buffer=shuffle_buffer, bucket_base=d.bucket_base,
-                          source_pixels=d.get("source_pixels"), max_skip_rate=d.max_skip_rate,
-                          square_only=d.get("square_only", False), encoded=encoded,
-                          decode_threads=0 if serial else d.get("decode_threads", 0))
+                          source_pixels=d.source_pixels, max_skip_rate=d.max_skip_rate,
+                          square_only=d.square_only, encoded=encoded,
+                          decode_threads=0 if serial else d.decode_threads)
     return ResumableLoader(stream, num_workers=0 if serial else d.num_workers)
 
 
@@ -202,7 +202,7 @@ def parallelism(cfg) -> int:
     one per usable CPU, as the stream runs them)."""
     from editflow.data.threads import usable_cpus
 
-    return cfg.data.num_workers or min(cfg.data.get("decode_threads", 0), usable_cpus()) or 1
+    return cfg.data.num_workers or min(cfg.data.decode_threads, usable_cpus()) or 1
 
 
 def loader_rate(urls: list[str], cfg, shuffle_buffer: int, samples: int, encoded: bool = False,
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings
     commit = _commit()  # before anything runs: the code that is measured
     cfg = compose(overrides)
-    workers, threads = cfg.data.num_workers, cfg.data.get("decode_threads", 0)
+    workers, threads = cfg.data.num_workers, cfg.data.decode_threads
     cpus = usable_cpus()
     cores = min(parallelism(cfg), cpus)
     shuffle_buffer = min(cfg.data.shuffle_buffer, args.shuffle_buffer)
@@ -339,9 +339,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
         "setup": {"pairs": args.pairs, "sizes": sorted(set(sizes)), "jpeg_quality": JPEG_QUALITY,
                   "bytes_per_pair": round(pair_bytes), "samples_per_round": args.samples, "rounds": args.rounds,
                   "batch": cfg.trainer.micro_batch_size, "bucket_base": cfg.data.bucket_base,
-                  "source_pixels": cfg.data.get("source_pixels"), "square_only": cfg.data.get("square_only", False),
+                  "source_pixels": cfg.data.source_pixels, "square_only": cfg.data.square_only,
                   "shuffle_buffer": shuffle_buffer, "encoded_states": encoded_shapes(cfg),
-                  "encoded_dtype": cfg.model.get("frozen_dtype"), "torch_threads": torch.get_num_threads(),
+                  "encoded_dtype": cfg.model.frozen_dtype, "torch_threads": torch.get_num_threads(),
                   "torch": torch.__version__, "pillow": PIL.__version__, "overrides": overrides},
     }
     if profile is not None:

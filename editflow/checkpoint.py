@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editflow.errors import CheckpointError
+from editflow.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -190,12 +190,12 @@ def unfinished(root: Path) -> str:
 WEIGHT_KEYS = ("transformer.config", "connector", "trainable", "lora.rank", "lora.target_modules")
 
 
-def config_mismatch(saved: dict, model_cfg) -> list[str]:
-    """`key: saved -> now` for each WEIGHT_KEYS value of `saved` (a checkpoint's config) that differs."""
+def config_mismatch(saved_model_cfg, model_cfg) -> list[str]:
+    """`key: saved -> now` for each WEIGHT_KEYS value of a checkpoint's model config that differs from this run's."""
     from omegaconf import OmegaConf
 
     now = OmegaConf.to_container(model_cfg, resolve=True)
-    saved = saved.get("model", {})
+    saved = OmegaConf.to_container(saved_model_cfg, resolve=True)
 
     def get(tree, key):
         for part in key.split("."):
@@ -260,6 +260,13 @@ def load_train_state(checkpoint: str | os.PathLike) -> dict:
     return json.loads((Path(checkpoint) / "train_state.json").read_text())
 
 
+def load_config(checkpoint: str | os.PathLike):
+    """The config a checkpoint's run trained with, on today's schema (keys added since get their defaults)."""
+    from editflow.config import saved_config
+
+    return saved_config(load_train_state(checkpoint)["config"], str(Path(checkpoint) / "train_state.json"))
+
+
 def check_writable(root: Path, run_dir: Path, rank: int) -> None:
     """Checkpoints go under the run directory: a directory that cannot take them fails now, not at the
     first save hours later."""
@@ -293,10 +300,12 @@ def resume_candidates(resume: str | None, root: Path, model_cfg) -> list[Path]:
             log.info("trainer.resume=auto: no complete checkpoint in %s%s; starting at step 0", root, unfinished(root))
     for candidate in candidates:  # the newest readable record of the config decides
         try:
-            saved = load_train_state(candidate)["config"]
+            saved = load_config(candidate)
+        except ConfigError as err:  # readable, but its config does not fit this version's schema
+            raise CheckpointError(f"trainer.resume={resume}: {err}") from None
         except (OSError, ValueError, KeyError):
             continue  # damaged: skipped, with the reason, when loading
-        mismatch = config_mismatch(saved, model_cfg)
+        mismatch = config_mismatch(saved.model, model_cfg)
         if mismatch:
             raise CheckpointError(f"trainer.resume={resume}: {candidate} was trained with another model config "
                                   f"({'; '.join(mismatch)}); resume with that run's settings or start a new run "

@@ -138,8 +138,7 @@ class ModelLimits:
             tokenizer = AutoTokenizer.from_pretrained(relocate_asset(str(qwen.pretrained)), local_files_only=True)
         except Exception:  # noqa: BLE001 - only an early check is lost
             tokenizer = None
-        return cls(int(config.data.get("bucket_base", 1024)), int(qwen.get("max_length", 512)), tokenizer,
-                   allow_large)
+        return cls(config.data.bucket_base, qwen.max_length, tokenizer, allow_large)
 
 
 def _check_options(r: EditRequest) -> None:

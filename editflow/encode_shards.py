@@ -30,7 +30,7 @@ CHUNK = 64  # samples read ahead per shard, grouped by bucket into encoder batch
 
 def drops_to_store(cfg: DictConfig) -> list[str]:
     """The condition-dropout outcomes whose Qwen states are stored: the run's (auto) or an explicit list."""
-    spec = cfg.encode.get("drops", "auto")
+    spec = cfg.encode.drops
     if spec == "auto":
         return drawn_drops(cfg.objective)
     unknown = [d for d in spec if d not in DROPS or d is None]
@@ -48,7 +48,7 @@ class ShardEncoder:
         self.batch_size = cfg.encode.batch_size
 
     def _encode_batch(self, samples: list, bucket: tuple[int, int]) -> list[dict]:
-        batch = collate_images(samples, bucket, self.data.get("source_pixels"), self.data.get("square_only", False),
+        batch = collate_images(samples, bucket, self.data.source_pixels, self.data.square_only,
                                regions=True)
         target, source = self.encoder.latents(batch.target), self.encoder.latents(batch.source)
         # the changed region at latent resolution, for objective.region_weighting (whatever the run's setting)
@@ -79,8 +79,8 @@ class ShardEncoder:
         def decoded():
             for raw in iter_tar(url):
                 try:
-                    bucket = bucket_of(raw, self.data.bucket_base, self.data.get("square_only", False))
-                    yield bucket, decode_in_bucket(raw, bucket, self.data.get("source_pixels"))
+                    bucket = bucket_of(raw, self.data.bucket_base, self.data.square_only)
+                    yield bucket, decode_in_bucket(raw, bucket, self.data.source_pixels)
                 except SampleError as err:
                     rejected[err.reason] += 1
                     log.warning("skipping sample: %s", err)
@@ -128,7 +128,7 @@ def encode(cfg: DictConfig) -> Path:
     """Encode every training set of `cfg` into `cfg.encode.out`; returns that directory."""
     from accelerate import PartialState
 
-    if not cfg.encode.get("out"):
+    if not cfg.encode.out:
         raise ValueError("encode.out is not set: give the output directory (e.g. encode.out=/data/encoded/run)")
     data = cfg.data.copy()
     data.pre_encoded = None  # encoding reads the source shards, whatever the run will train on

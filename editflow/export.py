@@ -81,7 +81,7 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwr
 def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
     config = pipe.config
     transformer = pipe.editor.transformer
-    kind = "lora" if config.model.get("trainable") == "lora" else "full"
+    kind = "lora" if config.model.trainable == "lora" else "full"
     if kind == "lora" and merge_lora:
         transformer.fuse_lora()
         transformer.unload_lora()
@@ -90,7 +90,7 @@ def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
     if kind == "lora":
         _write_lora(transformer, tmp)
         transformer.unload_lora()  # the base weights from here on
-    if kind == "full" or not config.model.transformer.get("pretrained"):
+    if kind == "full" or not config.model.transformer.pretrained:
         # FluxKontextPipeline layout; for a LoRA this is the base (only when it was not loaded from a path)
         pipe.to_diffusers().save_pretrained(tmp, safe_serialization=True)
     else:
@@ -107,11 +107,11 @@ def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
         "config": json.loads(json.dumps(dict(_to_container(config)))),
     }, indent=1))
     q = config.model.qwen
-    base = config.model.transformer.get("pretrained") or "THIS_DIR"
+    base = config.model.transformer.pretrained or "THIS_DIR"
     usage = (LORA_USAGE if kind == "lora" else FULL_USAGE).format(base=base, guidance=pipe.guidance)
     (tmp / "README.md").write_text(MODEL_CARD.format(
-        checkpoint=checkpoint, qwen=q.pretrained, layer=q.get("hidden_layer", -1), kind=kind, usage=usage,
-        guidance=pipe.guidance, train_guidance=config.objective.guidance, base=config.data.get("bucket_base", 1024)))
+        checkpoint=checkpoint, qwen=q.pretrained, layer=q.hidden_layer, kind=kind, usage=usage,
+        guidance=pipe.guidance, train_guidance=config.objective.guidance, base=config.data.bucket_base))
 
 
 def _write_lora(transformer, directory: Path) -> None:

@@ -69,14 +69,13 @@ class RunLog:
         self.pending: dict = {}  # metrics that go out with the next record (evaluation's)
         self.bar = tqdm(total=cfg.trainer.max_steps, initial=initial_step, desc="train", disable=not self.main,
                         dynamic_ncols=True)
-        lcfg = cfg.get("logging", {})
+        lcfg = cfg.logging
         self.wandb = None
-        if self.main and lcfg.get("wandb", False):
+        if self.main and lcfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=lcfg.get("project", "editflow"), name=lcfg.get("name"), dir=str(run_dir),
-                                    mode=lcfg.get("wandb_mode", "offline"), resume="allow",
-                                    id=lcfg.get("run_id") or run_dir.name,
+            self.wandb = wandb.init(project=lcfg.project, name=lcfg.name, dir=str(run_dir), mode=lcfg.wandb_mode,
+                                    resume="allow", id=lcfg.run_id or run_dir.name,
                                     config=OmegaConf.to_container(cfg, resolve=True))
 
     def write(self, record: dict) -> None:

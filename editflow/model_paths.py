@@ -52,10 +52,10 @@ def read_export(path: Path) -> dict:
 def read_model_config(model: str | os.PathLike):
     """(training config, path to load) of a `--model`, without loading it: an export's editflow.json, or the
     checkpoint's train_state.json (a run directory resolves to its newest intact checkpoint)."""
-    from omegaconf import OmegaConf
+    from editflow.config import saved_config
 
     path = Path(model)
     if (path / EXPORT_FILE).exists():
-        return OmegaConf.create(read_export(path)["config"]), path
+        return saved_config(read_export(path)["config"], str(path / EXPORT_FILE)), path
     checkpoint = resolve_checkpoint(path)
-    return OmegaConf.create(ckpt.load_train_state(checkpoint)["config"]), checkpoint
+    return ckpt.load_config(checkpoint), checkpoint

@@ -6,12 +6,15 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_torchao")
+SCHEDULES = ("cosine", "constant")
+
 
 def build_optimizer(params: list[torch.Tensor], ocfg: DictConfig) -> torch.optim.Optimizer:
     """AdamW (fused kernels), or an 8-bit AdamW for the 24 GB mode: bitsandbytes' (CUDA) or torchao's
     (any device; block-wise 8-bit moments, small tensors kept in fp32)."""
     kwargs = dict(lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
-    name = ocfg.get("name", "adamw")
+    name = ocfg.name
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -32,7 +35,7 @@ def build_optimizer(params: list[torch.Tensor], ocfg: DictConfig) -> torch.optim
 
 def build_schedule(optimizer: torch.optim.Optimizer, ocfg: DictConfig, max_steps: int):
     """Linear warm-up, then constant or cosine down to `optim.min_lr`; it counts optimizer steps."""
-    if ocfg.get("schedule", "cosine") == "constant":
+    if ocfg.schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=ocfg.warmup_steps)
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=ocfg.warmup_steps,
                                                        num_training_steps=max_steps, min_lr=ocfg.min_lr)

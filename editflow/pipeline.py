@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,6 +16,8 @@ from editflow.data.images import to_gray, to_rgb
 from editflow.data.pixels import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
+from editflow.config import saved_config
+from editflow.config_schema import TransformerConfig, VaeConfig
 from editflow.model_paths import EXPORT_FILE, LORA_FILE, read_export, resolve_checkpoint
 from editflow.models.build import Models, build_models
 from editflow.models.conditioner import QwenVLConditioner
@@ -33,8 +34,7 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 def sample_guidance(config) -> float:
     """The distilled-guidance value a model samples with unless told otherwise: `objective.sample_guidance` of
     the config it was trained with (one default for editflow edit/eval, EditPipeline and exports)."""
-    objective = config.objective
-    return float(objective.get("sample_guidance", objective.guidance))
+    return float(config.objective.sample_guidance)
 
 
 class EditPipeline:
@@ -64,12 +64,12 @@ class EditPipeline:
         path = Path(path)
         if (path / EXPORT_FILE).exists():
             export = read_export(path)
-            config = OmegaConf.create(export["config"])
+            config = saved_config(export["config"], str(path / EXPORT_FILE))
             # The export's own transformer and VAE replace whatever the training config pointed at; a LoRA
             # export without transformer/ sits on the base model its config names (e.g. the hub's Kontext).
             if (path / "transformer").is_dir():
-                config.model.transformer = {"pretrained": str(path), "subfolder": "transformer"}
-            config.model.vae = {"pretrained": str(path), "subfolder": "vae"}
+                config.model.transformer = TransformerConfig(pretrained=str(path), subfolder="transformer")
+            config.model.vae = VaeConfig(pretrained=str(path), subfolder="vae")
             models = build_models(config.model, seed=config.trainer.seed, lora_adapter=False)
             if export.get("kind") == "lora":
                 models.editor.transformer.load_lora_adapter(str(path), weight_name=LORA_FILE, prefix="transformer",
@@ -77,7 +77,7 @@ class EditPipeline:
             models.editor.connector.load_state_dict(load_file(path / "connector" / "model.safetensors"))
         else:
             checkpoint = resolve_checkpoint(path)
-            config = OmegaConf.create(ckpt.load_train_state(checkpoint)["config"])
+            config = ckpt.load_config(checkpoint)
             # the training seed: a LoRA checkpoint holds only adapters, its base is rebuilt the same way
             models = build_models(config.model, seed=config.trainer.seed)
             ckpt.load_model_weights(models.editor, checkpoint, ckpt.inference_weights(checkpoint))

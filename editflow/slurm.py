@@ -14,27 +14,16 @@ import shlex
 import string
 from pathlib import Path
 
-from editflow.config import CONFIG_DIR
-from editflow.config import compose as compose_config
+from editflow.config import CONFIG_DIR, check_world_size, compose, validate
 
 TEMPLATES = CONFIG_DIR.parent / "launch" / "slurm"
 ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
 
 
-def compose(overrides: list[str]):
-    """The run's config, validated as `editflow train` would (raises on bad keys or values)."""
-    from editflow.validate import validate
-
-    cfg = compose_config(overrides)
-    validate(cfg)
-    return cfg
-
-
 def render(args: argparse.Namespace, overrides: list[str]) -> str:
     cfg = compose(overrides)
+    validate(cfg)  # as `editflow train` would: bad keys and values fail here, not in the queue
     world = args.nodes * args.gpus_per_node
-    from editflow.validate import check_world_size
-
     check_world_size(cfg, world)
     template = "single_node.sbatch" if args.nodes == 1 else "multi_node.sbatch"
     accelerate_config = args.accelerate_config or str(ACCELERATE_CONFIGS / cfg.launcher.accelerate_config)

@@ -42,7 +42,7 @@ from editflow.pipeline import EditPipeline, sample_guidance
 from editflow.preemption import Preemption
 from editflow.run_summary import PhaseTimer, summary
 from editflow.throughput import count_step_flops, device_peak_tflops, flop_rates
-from editflow.validate import check_world_size
+from editflow.config import check_world_size
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Trainer:
         sets, pre_encoded = self._index_data()
         checkpoints = self.run_dir / "checkpoints"
         ckpt.check_writable(checkpoints, self.run_dir, acc.process_index)
-        resume_from = ckpt.resume_candidates(tcfg.get("resume"), checkpoints, cfg.model)
+        resume_from = ckpt.resume_candidates(tcfg.resume, checkpoints, cfg.model)
         editor = self._build_editor(sets, pre_encoded, start_connector_now=not resume_from)
         params = [p for p in editor.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.optim)
@@ -95,9 +95,9 @@ class Trainer:
         self.ema = self._build_ema()
         self.progress = Progress()
         self.window = MetricsWindow(acc.device)
-        self.peak_tflops = device_peak_tflops(tcfg.get("peak_tflops"))
-        self.preemption = Preemption(acc, self.run_dir, tcfg.get("stop_after"))
-        self.region_weighting = cfg.objective.get("region_weighting", "none")
+        self.peak_tflops = device_peak_tflops(tcfg.peak_tflops)
+        self.preemption = Preemption(acc, self.run_dir, tcfg.stop_after)
+        self.region_weighting = cfg.objective.region_weighting
         self.batches = self._build_loader(sets, pre_encoded, editor.text_pad_multiple)
         self._grid_rows, self._grid_path = [], None  # the latest sample grid (end-of-run summary)
 
@@ -110,7 +110,7 @@ class Trainer:
             self.checkpointer.register("ema", self.ema, optional=True)
         # another world size is refused by the loader's load_state_dict, unless trainer.resume_data=false
         self.checkpointer.register("data", self.batches, json=True, per_rank=True,
-                                   restore=tcfg.get("resume_data", True))
+                                   restore=tcfg.resume_data)
         self.checkpointer.register("guard", self.guard, json=True)
         self.checkpointer.register("progress", self.progress, json=True)
         if resume_from:
@@ -136,7 +136,7 @@ class Trainer:
         with acc.main_process_first(), self.timer("toy data" if dcfg.kind == "toy" else "data index"):
             # rank 0 generates the toy set; the others then find it cached
             sets = train_sets(dcfg, progress=acc.is_main_process)
-            self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.get("val") or \
+            self.val_urls = split_urls(dcfg, "val", progress=acc.is_main_process) if dcfg.val or \
                 dcfg.kind == "toy" else []
         return sets, check_pre_encoded(sets, self.cfg)
 
@@ -149,11 +149,11 @@ class Trainer:
             models = build_models(cfg.model, seed=cfg.trainer.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
-        self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=cfg.trainer.get("cache_encodings", False),
+        self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=cfg.trainer.cache_encodings,
                                      text_pad_multiple=models.editor.text_pad_multiple,
                                      skips=SkipCounter(cfg.data.max_skip_rate, what="samples encoded by this process"))
         editor = models.editor
-        if cfg.model.get("compile_blocks"):
+        if cfg.model.compile_blocks:
             if acc.device.type == "cuda":
                 compile_blocks(editor.transformer)
             else:
@@ -168,23 +168,23 @@ class Trainer:
 
     def _build_ema(self) -> EMA | None:
         tcfg, acc = self.cfg.trainer, self.accelerator
-        if not tcfg.get("ema_decay"):
+        if not tcfg.ema_decay:
             return None
         if zero_stage(acc) == 3:  # a preset's EMA (the toy's) must not stop a ZeRO-3 launch of it
             log.warning("trainer.ema_decay=%s is not used: an EMA needs whole weights on each rank and ZeRO-3 "
                         "partitions them (launcher=deepspeed_zero2 keeps an EMA)", tcfg.ema_decay)
             return None
-        return EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.get("ema_cpu") else None)
+        return EMA(acc.unwrap_model(self.editor), tcfg.ema_decay, "cpu" if tcfg.ema_cpu else None)
 
     def _build_loader(self, sets: list, pre_encoded: bool, text_multiple: int) -> ResumableLoader:
         acc, dcfg, tcfg = self.accelerator, self.cfg.data, self.cfg.trainer
         length = None if self.conditioner is None else self.conditioner.sequence_length  # pre-encoded: in the json
         stream = BucketStream(
             sets, tcfg.micro_batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=tcfg.seed,
-            shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.get("source_pixels"),
-            max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.get("square_only", False), encoded=pre_encoded,
-            text_key=TextBucketKey(text_multiple, length, dcfg.get("source_pixels")) if text_multiple > 1 else None,
-            decode_threads=dcfg.get("decode_threads", 0),
+            shuffle_buffer=dcfg.shuffle_buffer, bucket_base=dcfg.bucket_base, source_pixels=dcfg.source_pixels,
+            max_skip_rate=dcfg.max_skip_rate, square_only=dcfg.square_only, encoded=pre_encoded,
+            text_key=TextBucketKey(text_multiple, length, dcfg.source_pixels) if text_multiple > 1 else None,
+            decode_threads=dcfg.decode_threads,
             regions=self.region_weighting != "none" and not pre_encoded,
         )
         return ResumableLoader(stream, num_workers=dcfg.num_workers)
@@ -205,7 +205,7 @@ class Trainer:
                 self._log_step(grad_norm)
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last:
                 self.save_checkpoint()
-            if self.cfg.eval.get("every") and self.step % self.cfg.eval.every == 0 and not last:
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and not last:
                 self.run_eval()  # its numbers go out with the next logged step
                 self.editor.train()
             if self.preemption.should_stop(self.step - start_step) and not last:

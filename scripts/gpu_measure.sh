@@ -30,7 +30,7 @@ case "$stage" in
         --out "$out/$day-lora24gb.json" 2>&1 | tee "$out/lora24.log" ;;
   preset)
     python3 -m accelerate.commands.launch --config_file launch/accelerate/deepspeed_zero3.yaml --num_processes 1 \
-        -m editflow.train experiment=gpt_image_edit_8xa100 data=toy '~data.train' '~data.val' model=kontext_real_width model.connector.init_from=null \
+        -m editflow.train experiment=gpt_image_edit_8xa100 data=toy data.train=null data.val=null model=kontext_real_width model.connector.init_from=null \
         'model.qwen.pretrained=${asset:tiny/qwen}' 'model.vae.pretrained=${asset:tiny/vae}' model.vae.subfolder=null \
         data.toy.size=512 data.bucket_base=512 data.toy.num_train=256 data.toy.num_val=8 \
         trainer.global_batch_size=8 trainer.micro_batch_size=2 trainer.max_steps=12 trainer.log_every=4 \

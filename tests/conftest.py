@@ -7,17 +7,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from editflow.config import compose, register  # noqa: E402
 
-from editflow.config import CONFIG_DIR, register_resolvers  # noqa: E402
-
-register_resolvers()
+register()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_cfg():
-    return OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml")
+    return compose(["model=tiny"]).model
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,9 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 
 from editflow import flow
-from editflow.config import CONFIG_DIR, register_resolvers
+from editflow.config import compose
 from editflow.models.build import build_models
 
 
@@ -26,9 +25,8 @@ def micro_batch(index: int, qwen_dim: int):
 
 
 def main(out: str, accumulation: int) -> None:
-    register_resolvers()
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
-    models = build_models(OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"), seed=0, training=True)
+    models = build_models(compose(["model=tiny"]).model, seed=0, training=True)
     editor = acc.prepare(models.editor)
     qwen_dim = acc.unwrap_model(editor).connector.mlp[0].in_features
     indices = [acc.process_index] if acc.num_processes > 1 else range(accumulation)

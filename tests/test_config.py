@@ -1,5 +1,7 @@
-"""Every preset composes and validates; schedule and accumulation arithmetic; SLURM rendering."""
+"""Every preset composes and validates against the schema; bad values, types and keys name their key; saved
+configs read back with today's defaults; schedule and accumulation arithmetic; SLURM rendering."""
 
+import json
 import subprocess
 import sys
 
@@ -9,8 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from editflow.config import CONFIG_DIR
-from editflow.validate import ConfigError, check_world_size, validate
+from editflow.config import CONFIG_DIR, check_world_size, saved_config, validate
+from editflow.config import compose as compose_config
+from editflow.config_schema import EditflowConfig
+from editflow.errors import ConfigError
 
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -26,6 +30,7 @@ STAGE2 = "model.connector.init_from=/runs/align"  # presets that start from a st
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset):
     cfg = load(f"experiment={preset}")
+    assert OmegaConf.get_type(cfg) is EditflowConfig  # typed: the schema is the primary config's base
     if cfg.model.connector.init_from == "required":
         with pytest.raises(ConfigError, match=r"model\.connector\.init_from: .*experiment=align_connector"):
             validate(cfg)
@@ -50,7 +55,7 @@ def test_a_full_fine_tune_in_pure_bf16_is_refused_unless_allowed(monkeypatch):
     bf16 = ("model=kontext_qwen25vl_7b", "model.trainable=full", "launcher=local")
     with pytest.raises(ConfigError, match=r"model\.dtype: .*optim\.allow_low_precision_weights"):
         validate(load(*bf16))
-    validate(load(*bf16, "+optim.allow_low_precision_weights=true"))
+    validate(load(*bf16, "optim.allow_low_precision_weights=true"))
     validate(load(*bf16, "launcher=deepspeed_zero2"))  # DeepSpeed keeps fp32 master weights
     validate(load(*bf16, "model.dtype=float32", "trainer.mixed_precision=bf16"))
     validate(load("model=kontext_qwen25vl_7b", "model.trainable=lora", "launcher=local"))  # fp32 adapters
@@ -87,12 +92,73 @@ def test_indivisible_global_batch_names_the_key():
 @pytest.mark.parametrize("override,key", [
     ("optim.lr=-1", "optim.lr"), ("optim.min_lr=1", "optim.min_lr"), ("trainer.mixed_precision=fp8", "trainer.mixed_precision"),
     ("objective.sigma_sampling=beta", "objective.sigma_sampling"), ("data.bucket_base=1000", "data.bucket_base"),
-    ("+model.trainable=some", "model.trainable"), ("objective.loss_weighting=snr", "objective.loss_weighting"),
+    ("model.trainable=some", "model.trainable"), ("objective.loss_weighting=snr", "objective.loss_weighting"),
     ("objective.drop_text=1.5", "objective.drop_text"), ("objective.drop_both=-0.1", "objective.drop_both"),
+    ("model.connector.token_std=-1", "model.connector.token_std"), ("model.connector.token_std=big", "model.connector.token_std"),
+    ("eval.guidance=[]", "eval.guidance"), ("eval.guidance=[3.5,high]", "eval.guidance"), ("encode.drops=[text,all]", "encode.drops"),
+    ("model.text_pad_multiple=0", "model.text_pad_multiple"), ("model.attention_backend=fast", "model.attention_backend"),
+    ("trainer.max_steps=0", "trainer.max_steps"), ("logging.wandb_mode=cloud", "logging.wandb_mode"),
 ])
 def test_bad_values_name_their_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(load(override) if not override.startswith("+model") else load(override.replace("+", "")))
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": "):
+        validate(load(override))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=abc", r"trainer\.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("optim.lr=fast", r"optim\.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    ("trainer.resume_data=maybe", r"trainer\.resume_data: Value 'maybe' is not a valid bool"),
+    ("trainer.max_step=5", r"trainer\.max_step: unknown key"),
+    ("+trainer.max_step=5", r"trainer\.max_step: unknown key"),  # Hydra adds it; validation refuses it
+    ("+model.lora.rnak=8", r"model\.lora\.rnak: unknown key"),
+    ("model=tinyy", r"model=tinyy: there is no .*tinyy\.yaml; the options: .*tiny"),
+])
+def test_wrong_types_and_unknown_keys_name_their_key(override, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        validate(compose_config([override]))
+
+
+def test_train_reports_config_errors_in_one_paragraph_before_the_run_directory(tmp_path, capsys):
+    from editflow.commands.train import main
+
+    for override, key in (("trainer.max_steps=abc", "trainer.max_steps"), ("+trainer.max_step=5", "trainer.max_step"),
+                          ("optim.lr=-1", "optim.lr")):
+        with pytest.raises(SystemExit) as info:
+            main([override, f"hydra.run.dir={tmp_path / 'run'}"])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and err.startswith(f"editflow train: error: {key}: ") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run directory
+
+
+def test_a_saved_config_without_newer_keys_reads_back_with_their_defaults(tmp_path):
+    """A run saved before model.text_pad_multiple, objective.sample_guidance, optim.allow_low_precision_weights
+    and eval existed: those get the schema's defaults (what the run did), the rest is read as saved."""
+    cfg = compose_config(["experiment=debug", "objective.guidance=2.0"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["model"]["text_pad_multiple"], old["objective"]["sample_guidance"], old["optim"]["allow_low_precision_weights"]
+    del old["eval"]
+    old["model"]["retired_key"] = 1  # a key this version no longer has: dropped, not fatal
+    config = saved_config(json.loads(json.dumps(old)), "train_state.json")
+    assert OmegaConf.get_type(config) is EditflowConfig
+    assert config.model.text_pad_multiple == 1 and config.optim.allow_low_precision_weights is False
+    assert config.objective.sample_guidance == 2.0 and config.eval.guidance == 2.0  # follow the saved guidance
+    assert config.model.connector.hidden_dim == cfg.model.connector.hidden_dim and config.trainer.max_steps == 4
+    assert "retired_key" not in config.model
+    validate(config)
+
+    from safetensors.torch import save_file
+
+    from editflow import checkpoint as ckpt
+    from editflow.model_paths import read_model_config
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"config": old}))
+    assert ckpt.load_config(checkpoint).model.text_pad_multiple == 1
+    save_file({"w": torch.zeros(1)}, checkpoint / ckpt.MODEL_FILE)
+    (checkpoint / ckpt.MARKER).write_text("4")
+    loaded, where = read_model_config(tmp_path / "run")  # editflow edit/eval/export read it this way
+    assert where == checkpoint and loaded.objective.sample_guidance == 2.0
 
 
 def test_lr_at_warmup_end_middle_and_end_of_the_cosine():

@@ -10,11 +10,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from editflow import checkpoint as ckpt
-from editflow.config import compose
+from editflow.config import compose, validate
 from editflow.data.shards import write_manifest, write_shard
 from editflow.data.toy_shards import toy_sample
 from editflow.errors import CheckpointError, ConfigError, DataError
-from editflow.validate import validate
 
 from test_train import QUICK
 
@@ -82,7 +81,7 @@ def test_a_shard_missing_from_its_directory_is_named(tmp_path, cache_dir, no_mod
 
 def test_train_data_on_the_toy_preset_is_refused_not_ignored():
     with pytest.raises(ConfigError, match=r"data\.train: the toy data .* add data=shards"):
-        validate(compose(["+data.train=/data/shards/mine"]))
+        validate(compose(["data.train=/data/shards/mine"]))
 
 
 def test_an_unwritable_run_directory_fails_before_the_models_load(tmp_path, cache_dir, no_models):
@@ -238,7 +237,7 @@ def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     for override, key in (("optim.lr=-1", "optim.lr"), ("data.train=/nonexistent", "data.train"),
                           (f"hydra.run.dir={tmp_path / 'file' / 'run'}", "hydra.run.dir")):
-        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards",
+        result = subprocess.run([sys.executable, "-m", "editflow.cli", "train", "data=shards", "data.train=/nonexistent",
                                  f"hydra.run.dir={tmp_path / 'run'}", override], env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 1 and "Traceback" not in result.stderr

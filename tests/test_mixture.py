@@ -3,9 +3,11 @@
 import pytest
 from omegaconf import OmegaConf
 
-from editflow.config import compose
+from editflow.config import compose, validate
+from editflow.config_schema import DataConfig
 from editflow.data.shards import write_manifest
 from editflow.data.sources import set_names, train_sets
+from editflow.errors import ConfigError
 
 
 def shard_dir(path, samples: int):
@@ -17,8 +19,9 @@ def shard_dir(path, samples: int):
 
 def test_sets_without_a_weight_are_drawn_in_proportion_to_their_size(tmp_path):
     omni, hq, ultra = (shard_dir(tmp_path / n, s) for n, s in (("omni", 600), ("hq", 250), ("ultra", 150)))
-    natural = OmegaConf.create({"kind": "shards", "train": {"omni": {"path": omni}, "hq": {"path": hq, "weight": None},
-                                                            "ultra": {"path": [ultra]}}})
+    natural = OmegaConf.structured(DataConfig(kind="shards", train={"omni": {"path": omni},
+                                                                    "hq": {"path": hq, "weight": None},
+                                                                    "ultra": {"path": [ultra]}}))
     assert [(s.name, s.weight) for s in train_sets(natural)] == [("omni", 0.6), ("hq", 0.25), ("ultra", 0.15)]
     natural.train.ultra.weight = 0.5  # an explicit weight overrides; the others keep their natural share
     assert [s.weight for s in train_sets(natural)] == [0.6, 0.25, 0.5]
@@ -27,12 +30,18 @@ def test_sets_without_a_weight_are_drawn_in_proportion_to_their_size(tmp_path):
 def test_a_set_of_unknown_size_needs_a_weight(tmp_path):
     for i in range(4):  # bare .tar files without a manifest: they exist, their sample count is unknown
         (tmp_path / f"x-{i:03d}.tar").write_bytes(b"")
-    cfg = OmegaConf.create({"kind": "shards", "train": {"a": {"path": str(tmp_path / "x-{000..003}.tar")}}})
+    cfg = OmegaConf.structured(DataConfig(kind="shards", train={"a": {"path": str(tmp_path / "x-{000..003}.tar")}}))
     with pytest.raises(ValueError, match=r"data.train.a: no weight, and its size is unknown"):
         train_sets(cfg)
-    cfg.train.a.weight = -1
-    with pytest.raises(ValueError, match=r"data.train.a.weight: expected a number >= 0"):
-        train_sets(cfg)
+
+
+@pytest.mark.parametrize("entry, key", [("{a: {path: /x, weight: -1}}", r"data\.train\.a\.weight: expected a number >= 0"),
+                                        ("{a: {path: /x, wieght: 1}}", r"data\.train\.a\.wieght: unknown key"),
+                                        ("{a: {weight: 1}}", r"data\.train\.a: expected \{path"),
+                                        ("[/x, 3]", r"data\.train: expected a shard directory or a list")])
+def test_a_malformed_set_names_its_key_before_any_data_is_read(entry, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(compose(["data=shards", f"data.train={entry}"]))
 
 
 def test_the_8xa100_preset_uses_the_natural_mixture():

@@ -251,7 +251,8 @@ def test_base_quantization_needs_lora():
     from hydra import compose, initialize_config_dir
 
     from editflow.config import CONFIG_DIR
-    from editflow.validate import ConfigError, validate
+    from editflow.config import validate
+    from editflow.errors import ConfigError
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model.base_quantization=int8"])

@@ -284,13 +284,14 @@ def test_a_changed_worker_count_names_the_setting_that_continues_the_order(toy_u
         make(toy_urls).load_state_dict(state)
 
 
-@pytest.mark.parametrize("key, value", [("decode_threads", -1), ("num_workers", 1.5)])
-def test_bad_loader_settings_name_the_key(key, value):
-    from editflow.config import compose
+@pytest.mark.parametrize("key, value, message", [("decode_threads", -1, "must be a non-negative integer, got -1"),
+                                                 ("num_workers", 1.5, "Value '1.5' of type 'float' could not be "
+                                                                      "converted to Integer")])
+def test_bad_loader_settings_name_the_key(key, value, message):
+    from editflow.config import compose, validate
     from editflow.errors import ConfigError
-    from editflow.validate import validate
 
-    with pytest.raises(ConfigError, match=rf"data\.{key}: must be a non-negative integer, got {value}"):
+    with pytest.raises(ConfigError, match=rf"data\.{key}: {message}"):
         validate(compose(["data=shards", "data.train=/data/x", f"data.{key}={value}"]))
 
 

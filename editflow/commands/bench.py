@@ -10,6 +10,7 @@ from pathlib import Path
 
 from editflow import bench, bench_data
 from editflow.config import parse_with_overrides
+from editflow.errors import ConfigError, report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_with_overrides(parser, argv)
     if args.resolution % 16:
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
-    result = bench.run(args, overrides)
+    try:
+        result = bench.run(args, overrides)
+    except ConfigError as err:  # a bad override: one paragraph, before anything is built
+        report("bench train", err, code=2)
     out = write_result(result, Path(args.out) if args.out else bench.default_out(result))
     print(f"[bench] wrote {out}", file=sys.stderr)
 
@@ -84,7 +88,10 @@ def bench_data_main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.side % 16:
         parser.error(f"--side must be a multiple of 16, got {args.side}")
-    result = bench_data.run(args, overrides)
+    try:
+        result = bench_data.run(args, overrides)
+    except ConfigError as err:  # a bad override: one paragraph, before anything is written
+        report("bench data", err, code=2)
     out = write_result(result, Path(args.out) if args.out else bench_data.default_out(result))
     ratio, cpu_s = result["ratio_per_core"], result["samples_per_cpu_s"]
     workers, threads, cores = result["workers"], result["decode_threads"], result["cores_used"]

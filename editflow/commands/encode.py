@@ -19,12 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from accelerate import PartialState
-    from hydra.errors import HydraException
 
-    from editflow.config import compose, parse_with_overrides
+    from editflow.config import compose, parse_with_overrides, validate
     from editflow.encode_shards import encode
     from editflow.errors import EditflowError, report
-    from editflow.validate import validate
 
     parser = argparse.ArgumentParser(prog="editflow encode", description=DESCRIPTION,
                                      usage="%(prog)s [hydra overrides]",
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose(overrides)
         validate(cfg, training=False)  # encoding needs no stage-1 connector
         out = encode(cfg)
-    except (EditflowError, HydraException) as err:  # bad input or overrides: one paragraph, no traceback
+    except EditflowError as err:  # bad input or overrides: one paragraph, no traceback
         report("encode", err)
     if PartialState().is_main_process:
         print(f"encoded -> {out}; train on it with data.pre_encoded={out}")

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     except (EditflowError, FileNotFoundError, ValueError) as err:
         report("eval", err, code=2)
     guidances = args.guidance or [pipe.guidance]
-    base = int(pipe.config.data.get("bucket_base", 1024))
+    base = pipe.config.data.bucket_base
     judge = None
     if args.judge != "none":
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from editflow import quiet
 
 quiet.install()  # before editflow.config imports diffusers, whose import emits the notices
-from editflow.config import CONFIG_DIR, register_resolvers  # noqa: E402
-from editflow.errors import ConfigError, report  # noqa: E402
+from editflow.config import CONFIG_DIR, compose, is_override, register, validate  # noqa: E402
+from editflow.errors import ConfigError, EditflowError, report  # noqa: E402
 
-register_resolvers()
+register()
 
 
 class RunDirectoryCheck(Callback):
@@ -35,14 +35,12 @@ class RunDirectoryCheck(Callback):
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def train_app(cfg: DictConfig) -> None:
-    from editflow.errors import EditflowError
     from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
-    from editflow.validate import validate
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        validate(cfg)  # bad values and unknown keys fail here, before any model loads
         OmegaConf.resolve(cfg)
-        validate(cfg)  # bad values fail here, before any model loads
         OmegaConf.save(cfg, f"{run_dir}/config.yaml")
         logging.getLogger(__name__).info("run directory: %s", run_dir)
         trainer = Trainer(cfg, run_dir)  # data, run directory and checkpoint checks come before the models
@@ -55,6 +53,12 @@ def train_app(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`editflow train [overrides]`; without `argv` (python -m editflow.train) Hydra reads sys.argv itself."""
+    args = sys.argv[1:] if argv is None else argv
+    if all(is_override(arg) for arg in args):  # with Hydra's own flags (--cfg, -m, ...) Hydra reports errors
+        try:  # composed and checked before Hydra makes the run directory, and in one paragraph, not Hydra's report
+            validate(compose(args))
+        except EditflowError as err:
+            report("train", err)
     if argv is not None:
         sys.argv = ["editflow train", *argv]  # Hydra reads its overrides from sys.argv
     train_app()

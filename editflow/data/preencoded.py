@@ -53,21 +53,21 @@ def encoding_settings(cfg: DictConfig) -> dict:
     m, d = cfg.model, cfg.data
     return {
         "model.vae.pretrained": _model_id(m.vae.pretrained),
-        "model.vae.subfolder": m.vae.get("subfolder"),
+        "model.vae.subfolder": m.vae.subfolder,
         "model.qwen.pretrained": _model_id(m.qwen.pretrained),
-        "model.qwen.hidden_layer": m.qwen.get("hidden_layer", -1),
-        "model.qwen.min_pixels": m.qwen.get("min_pixels"),
-        "model.qwen.max_pixels": m.qwen.get("max_pixels"),
-        "model.frozen_dtype": m.get("frozen_dtype", m.get("dtype", "float32")),
+        "model.qwen.hidden_layer": m.qwen.hidden_layer,
+        "model.qwen.min_pixels": m.qwen.min_pixels,
+        "model.qwen.max_pixels": m.qwen.max_pixels,
+        "model.frozen_dtype": m.frozen_dtype,
         "data.bucket_base": d.bucket_base,
-        "data.source_pixels": d.get("source_pixels"),
-        "data.square_only": d.get("square_only", False),
+        "data.source_pixels": d.source_pixels,
+        "data.square_only": d.square_only,
     }
 
 
 def drawn_drops(objective) -> list[str]:
     """The condition-dropout outcomes a run's `objective` draws (those with a probability above 0)."""
-    return [d for d in ("text", "image", "both") if objective.get(f"drop_{d}", 0) > 0]
+    return [d for d in ("text", "image", "both") if objective[f"drop_{d}"] > 0]
 
 
 def check_pre_encoded(sets: list, cfg: DictConfig) -> bool:

@@ -20,7 +20,7 @@ def default_cache_dir() -> Path:
 
 
 def toy_dir(cfg: DictConfig, split: str) -> Path:
-    cache = Path(cfg.get("cache_dir") or default_cache_dir()).expanduser()
+    cache = Path(cfg.cache_dir or default_cache_dir()).expanduser()
     num = cfg.num_train if split == "train" else cfg.num_val
     seed = cfg.seed if split == "train" else cfg.seed + 1  # held-out scenes come from a different seed
     return cache / f"toy-{split}-s{seed}-n{num}-px{cfg.size}"
@@ -100,27 +100,21 @@ def resolve_urls(spec, key: str) -> list[str]:
 
 
 def split_urls(cfg: DictConfig, split: str, progress: bool = True) -> list[str]:
-    """Shard URLs of `split` ("train" or "val") for a `data/` config node."""
+    """Shard URLs of `split` ("train" or "val", when set) for a `data/` config node."""
     if cfg.kind == "toy":
         return resolve_urls(str(ensure_toy(cfg.toy, split, progress)), f"data.toy ({split})")
-    spec = cfg.get(split)
-    if not spec:
-        raise ConfigError(f"data.{split} is not set: give a shard directory (with manifest.json) or a list of tar "
-                          "files")
-    return resolve_urls(spec, f"data.{split}")
+    return resolve_urls(cfg[split], f"data.{split}")
 
 
 def set_names(cfg: DictConfig) -> list[tuple[str, float | None]]:
-    """(name, explicit weight or None) of each training set, as `train_sets` names them."""
-    spec = cfg.get("train")
-    if cfg.kind == "toy" or isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
+    """(name, explicit weight or None) of each training set, as `train_sets` names them (the schema has checked
+    data.train's shape and weights)."""
+    spec = cfg.train
+    if cfg.kind == "toy" or not isinstance(spec, DictConfig):
         return [("toy" if cfg.kind == "toy" else "train", 1.0)]
     named = []
     for name, node in spec.items():
-        weight = node.get("weight") if hasattr(node, "get") else None
-        if weight is not None and not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
-            raise ValueError(f"data.train.{name}.weight: expected a number >= 0 or null (null: the set's share of all "
-                             f"samples), got {weight!r}")
+        weight = node.get("weight")  # left out: the set's share of all samples
         named.append((str(name), None if weight is None else float(weight)))
     return named
 
@@ -175,18 +169,13 @@ def train_sets(cfg: DictConfig, progress: bool = True) -> list[ShardSet]:
     drawn in proportion to its size. With `data.pre_encoded` the same sets come from `editflow
     encode`'s output instead.
     """
-    if cfg.get("pre_encoded"):
+    if cfg.pre_encoded:
         return encoded_sets(cfg)
     if cfg.kind == "toy":
         return [ShardSet("toy", split_urls(cfg, "train", progress))]
-    spec = cfg.get("train")
-    if not spec:
-        raise ConfigError("data.train is not set: give a shard directory, a list, or {name: {path: ..., weight: ...}}")
-    if isinstance(spec, (str, os.PathLike)) or not hasattr(spec, "items"):
+    spec = cfg.train
+    if not isinstance(spec, DictConfig):
         return [ShardSet("train", resolve_urls(spec, "data.train"), encoding=recorded_encoding(spec))]
-    for name in spec:
-        if not hasattr(spec[name], "get") or not spec[name].get("path"):
-            raise ConfigError(f"data.train.{name}: expected {{path: DIR or [DIRS], weight: W}}, got {spec[name]!r}")
     named = set_names(cfg)
     urls = [resolve_urls(spec[name].path, f"data.train.{name}.path") for name, _ in named]  # checks each set
     weights = mixture(named, [set_size(spec[name].path) for name, _ in named])

@@ -71,7 +71,7 @@ def budget_from_model(overrides: list[str], explicit: int | None = None) -> Toke
             return TokenBudget(path, explicit, explicit, f"--max-instruction-tokens {explicit}")
         from transformers import Qwen2VLImageProcessor
 
-        sizes = {k: qwen[k] for k in ("min_pixels", "max_pixels") if qwen.get(k)}
+        sizes = {k: qwen[k] for k in ("min_pixels", "max_pixels") if qwen[k]}
         processor = Qwen2VLImageProcessor.from_pretrained(path, **sizes)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot count instruction tokens: the tokenizer of model.qwen.pretrained={path!r} does not "

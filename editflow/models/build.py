@@ -69,9 +69,9 @@ def _from_pretrained(cls, path: str, what: str, **kwargs):
 
 
 def build_transformer(cfg: DictConfig, dtype: torch.dtype) -> FluxTransformer2DModel:
-    if cfg.get("pretrained"):
+    if cfg.pretrained:
         return _from_pretrained(
-            FluxTransformer2DModel, cfg.pretrained, "FLUX transformer", subfolder=cfg.get("subfolder"), torch_dtype=dtype
+            FluxTransformer2DModel, cfg.pretrained, "FLUX transformer", subfolder=cfg.subfolder, torch_dtype=dtype
         )
     config = OmegaConf.to_container(cfg.config, resolve=True)
     config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", (16, 56, 56)))
@@ -80,7 +80,7 @@ def build_transformer(cfg: DictConfig, dtype: torch.dtype) -> FluxTransformer2DM
 
 
 def build_codec(cfg: DictConfig, dtype: torch.dtype) -> LatentCodec:
-    vae = _from_pretrained(AutoencoderKL, cfg.pretrained, "VAE", subfolder=cfg.get("subfolder"), torch_dtype=dtype)
+    vae = _from_pretrained(AutoencoderKL, cfg.pretrained, "VAE", subfolder=cfg.subfolder, torch_dtype=dtype)
     return LatentCodec(vae)
 
 
@@ -89,11 +89,11 @@ def build_conditioner(cfg: DictConfig, dtype: torch.dtype) -> QwenVLConditioner:
         return QwenVLConditioner.from_pretrained(
             relocate_asset(cfg.pretrained),
             dtype=dtype,
-            hidden_layer=cfg.get("hidden_layer", -1),
-            max_length=cfg.get("max_length", 512),
-            min_pixels=cfg.get("min_pixels"),
-            max_pixels=cfg.get("max_pixels"),
-            attn_implementation=cfg.get("attn_implementation"),
+            hidden_layer=cfg.hidden_layer,
+            max_length=cfg.max_length,
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+            attn_implementation=cfg.attn_implementation,
         )
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load Qwen2.5-VL from {cfg.pretrained!r}: {err}") from err
@@ -104,10 +104,10 @@ def build_connector(cfg: DictConfig, qwen_dim: int, transformer: FluxTransformer
         qwen_dim=qwen_dim,
         joint_dim=transformer.config.joint_attention_dim,
         pooled_dim=transformer.config.pooled_projection_dim,
-        kind=cfg.get("kind", "mlp"),
-        hidden_dim=cfg.get("hidden_dim"),
-        refiner_layers=cfg.get("refiner_layers", 0),
-        refiner_heads=cfg.get("refiner_heads", 8),
+        kind=cfg.kind,
+        hidden_dim=cfg.hidden_dim,
+        refiner_layers=cfg.refiner_layers,
+        refiner_heads=cfg.refiner_heads,
     )
 
 
@@ -138,12 +138,13 @@ KONTEXT_LORA_TARGETS = [
 ]
 # What the public GPT-IMAGE-EDIT reference trains: attention projections and norms of the image branch.
 REFERENCE_ATTENTION_PATTERNS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "attn.norm_q", "attn.norm_k")
+TRAINABLE = ("full", "lora", "reference_attention", "connector")  # model.trainable, see select_trainable
 
 
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
     """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention | connector (stage 1:
     the transformer frozen, only the connector trains)."""
-    mode = cfg.get("trainable", "full")
+    mode = cfg.trainable
     if mode == "full":
         transformer.requires_grad_(True)
     elif mode == "connector":
@@ -151,18 +152,15 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
     elif mode == "lora":
         from peft import LoraConfig
 
-        lora = cfg.get("lora", {})
+        lora = cfg.lora
         transformer.requires_grad_(False)
         transformer.add_adapter(LoraConfig(
-            r=lora.get("rank", 16), lora_alpha=lora.get("alpha", lora.get("rank", 16)),
-            lora_dropout=lora.get("dropout", 0.0), init_lora_weights="gaussian",
-            target_modules=list(lora.get("target_modules") or KONTEXT_LORA_TARGETS)))
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, init_lora_weights="gaussian",
+            target_modules=list(lora.target_modules or KONTEXT_LORA_TARGETS)))
     elif mode == "reference_attention":
         for name, param in transformer.named_parameters():
             param.requires_grad_(name.startswith("transformer_blocks.") and any(p in name for p in
                                                                                  REFERENCE_ATTENTION_PATTERNS))
-    else:
-        raise ValueError(f"model.trainable: unknown mode {mode!r}")
 
 
 def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
@@ -172,7 +170,7 @@ def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
     from diffusers.training_utils import cast_training_params
 
     editor.connector.float()
-    if cfg.get("trainable", "full") != "full":
+    if cfg.trainable != "full":
         cast_training_params(editor.transformer, dtype=torch.float32)
 
 
@@ -185,7 +183,7 @@ def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_ad
     Given `qwen_dim` (training on pre-encoded data), Qwen and the VAE are not loaded: `build_frozen`
     makes them when they are needed."""
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
-    transformer = build_transformer(cfg.transformer, torch_dtype(cfg.get("dtype", "float32")))
+    transformer = build_transformer(cfg.transformer, torch_dtype(cfg.dtype))
     plan = configure_transformer(transformer, cfg, training, lora_adapter)
     conditioner, codec = (None, None) if qwen_dim else build_frozen(cfg)
     editor = build_editor(cfg, transformer, plan, qwen_dim or conditioner.hidden_size)
@@ -197,12 +195,8 @@ def build_editor(cfg: DictConfig, transformer: FluxTransformer2DModel, plan: Att
     """The trainable editor of a `model/` config node around a configured transformer: a new connector
     (in model.dtype, on the transformer's device) from Qwen's width to the transformer's."""
     connector = build_connector(cfg.connector, qwen_dim, transformer)
-    connector.to(transformer.device, torch_dtype(cfg.get("dtype", "float32")))
-    # configs saved before model.text_pad_multiple existed conditioned on the exact lengths
-    multiple = cfg.get("text_pad_multiple", 1)
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"model.text_pad_multiple: expected a positive integer (1: exact lengths), got {multiple!r}")
-    return KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=multiple)
+    connector.to(transformer.device, torch_dtype(cfg.dtype))
+    return KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=cfg.text_pad_multiple)
 
 
 def qwen_hidden_size(qwen_path: str | None) -> int:
@@ -217,19 +211,19 @@ def qwen_hidden_size(qwen_path: str | None) -> int:
 
 def build_frozen(cfg: DictConfig) -> tuple[QwenVLConditioner, LatentCodec]:
     """The frozen Qwen2.5-VL conditioner and VAE codec of a `model/` config node, on the CPU."""
-    frozen_dtype = torch_dtype(cfg.get("frozen_dtype", cfg.get("dtype", "float32")))
+    frozen_dtype = torch_dtype(cfg.frozen_dtype)
     return build_conditioner(cfg.qwen, frozen_dtype), build_codec(cfg.vae, frozen_dtype)
 
 
 def configure_transformer(transformer: FluxTransformer2DModel, cfg: DictConfig, training: bool,
                           lora_adapter: bool = True) -> AttentionPlan:
     """What trains (adapters too), gradient checkpointing, and the attention kernels to use."""
-    plan = attention_plan(cfg.get("attention_backend"))
-    if training and cfg.get("base_quantization"):
+    plan = attention_plan(cfg.attention_backend)
+    if training and cfg.base_quantization:
         quantize_base(transformer, cfg.base_quantization)  # before the adapters wrap the quantized linears
-    if training or (lora_adapter and cfg.get("trainable") == "lora"):
+    if training or (lora_adapter and cfg.trainable == "lora"):
         select_trainable(transformer, cfg)
-    if training and cfg.get("gradient_checkpointing"):
+    if training and cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return plan
 
@@ -243,8 +237,6 @@ def quantize_base(transformer: FluxTransformer2DModel, kind: str) -> None:
     except ImportError:
         raise ImportError("model.base_quantization needs torchao (pip install 'editflow[gpu]')") from None
     configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig}
-    if kind not in configs:
-        raise ValueError(f"model.base_quantization: expected int8, fp8 or null, got {kind!r}")
     if kind == "fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
         raise ValueError("model.base_quantization=fp8 needs a GPU with fp8 support (Ada/Hopper or newer); use int8")
     in_blocks = lambda module, name: isinstance(module, torch.nn.Linear) and "transformer_blocks." in name

@@ -80,8 +80,8 @@ def start_connector(connector: Connector, cfg: DictConfig,
                     calibration: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Initialise a run's connector from `cfg` (a `model.connector` node); `calibration()` gives real Qwen
     states (B, L, D) and their mask, read only when the token scale must be calibrated."""
-    loaded = load_connector_(connector, cfg.init_from) if cfg.get("init_from") else set()
-    if "pooled_base" not in loaded and not cfg.get("text_encoders"):
+    loaded = load_connector_(connector, cfg.init_from) if cfg.init_from else set()
+    if "pooled_base" not in loaded and not cfg.text_encoders:
         log.info("connector: no model.connector.text_encoders (a randomly initialised transformer): the pooled "
                  "vector starts at zero")
     elif "pooled_base" not in loaded:
@@ -91,9 +91,9 @@ def start_connector(connector: Connector, cfg: DictConfig,
                              f"vector of {pooled.shape[0]}, the transformer takes {connector.pooled_base.shape[0]}")
         connector.pooled_base.copy_(pooled)
     if not any(k.startswith("mlp.") for k in loaded):
-        target = cfg.get("token_std", 1.0)
+        target = cfg.token_std
         if target == "from_base":
-            if not cfg.get("text_encoders"):
+            if not cfg.text_encoders:
                 raise ValueError("model.connector.token_std=from_base needs model.connector.text_encoders (the "
                                  "base's folder with text_encoder_2/ and tokenizer_2/), or give a number")
             target = t5_token_rms(cfg.text_encoders)
