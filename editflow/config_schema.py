@@ -4,8 +4,9 @@ Registered in Hydra's ConfigStore as `schema`, the first entry of conf/config.ya
 composed config is typed: Hydra refuses a value of the wrong type or an override of a key the schema lacks
 (`editflow.config.validate` refuses one added with `+`). The YAML files in conf/ choose values; a key they
 leave out gets the default here. The checks run in `__post_init__` when `validate` instantiates the
-dataclasses (`OmegaConf.to_object`); each failure is a ConfigError naming the key. Where a key's default here differs from the YAML groups, it is
-what a config saved before the key existed meant (model and data keys are read back from checkpoints).
+dataclasses (`OmegaConf.to_object`); each failure is a ConfigError naming the key. Where a key's default here
+differs from the YAML groups, it is what a config saved before the key existed meant (model and data keys are
+read back from checkpoints).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from editflow.data.samples import SampleError
 from editflow.data.shards import iter_tar, write_manifest, write_shard
 from editflow.data.sources import train_sets
 from editflow.data.stream import bucket_of, collate_images, decode_in_bucket
-from editflow.frozen_encoders import DROPS, FrozenEncoder, drop_inputs, states_field
+from editflow.frozen_encoders import FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,8 @@ CHUNK = 64  # samples read ahead per shard, grouped by bucket into encoder batch
 
 def drops_to_store(cfg: DictConfig) -> list[str]:
     """The condition-dropout outcomes whose Qwen states are stored: the run's (auto) or an explicit list."""
-    spec = cfg.encode.drops
-    if spec == "auto":
-        return drawn_drops(cfg.objective)
-    unknown = [d for d in spec if d not in DROPS or d is None]
-    if unknown:
-        raise ValueError(f"encode.drops: unknown outcome(s) {unknown}; expected auto or a list of text, image, both")
-    return list(spec)
+    spec = cfg.encode.drops  # checked by the schema (config_schema.EncodeConfig)
+    return drawn_drops(cfg.objective) if spec == "auto" else list(spec)
 
 
 class ShardEncoder:

@@ -165,8 +165,9 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
 
 def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
     """LoRA adapters, a partial selection and the connector train in fp32 (so does their AdamW state) on a
-    bf16 base, as diffusers' training scripts do (trainable=connector: the connector alone). Not under DeepSpeed, which keeps fp32 master weights of
-    its own; a full fine-tune stays in model.dtype (use model.dtype=float32 + mixed precision for FSDP2)."""
+    bf16 base, as diffusers' training scripts do (trainable=connector: the connector alone). Not under DeepSpeed,
+    which keeps fp32 master weights of its own; a full fine-tune stays in model.dtype (use model.dtype=float32 +
+    mixed precision for FSDP2)."""
     from diffusers.training_utils import cast_training_params
 
     editor.connector.float()
