@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -105,6 +106,17 @@ def condition_dropout(batch: Batch, p_text: float, p_image: float, p_both: float
                                source_images=[im for _, im in inputs])
 
 
+class Encoded(NamedTuple):
+    """A batch as the model takes it, in fp32 on the training device."""
+
+    target: torch.Tensor  # target latents (B, C, h, w)
+    source: torch.Tensor | None  # source latents, None for text-to-image
+    states: torch.Tensor  # Qwen states, padded (B, L, D)
+    mask: torch.Tensor  # (B, L) True for real tokens
+    padded: bool  # whether the batch needs an attention mask (known on the CPU: the step need not ask the GPU)
+    kept: list[int]  # the batch's samples these rows are (the encoders skip those they refuse)
+
+
 class FrozenEncoder:
     """With `skips`, a sample the encoders refuse (conditioning over model.qwen.max_length at the configured
     pixel budget, an image Qwen's processor cannot take, ...: a ValueError) is skipped and counted as
@@ -169,22 +181,22 @@ class FrozenEncoder:
             rows.append((sample.tensors["target"], sample.tensors.get("source"), sample.tensors[field]))
         return rows
 
-    def __call__(self, batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
-                                                       bool] | None:
-        """(target latents, source latents or None for text-to-image, Qwen states, mask) in fp32 on `device`,
-        and whether the batch needs an attention mask (`text_padded`: known here on the CPU, so the step need
-        not ask the GPU). Skipped samples leave the batch; None when none is left."""
+    def __call__(self, batch: Batch, device) -> Encoded | None:
+        """The model inputs of a batch (`Encoded`); skipped samples leave it (`kept` says which stayed), None
+        when none is left."""
         keys = batch.keys
         if isinstance(batch, EncodedBatch):
-            rows = self._stored(batch)
+            kept, rows = list(range(len(keys))), self._stored(batch)
         elif self.cache is None:
-            rows = list(self._encode_or_skip(batch, list(range(len(keys)))).values())
+            encoded = self._encode_or_skip(batch, list(range(len(keys))))
+            kept, rows = list(encoded), list(encoded.values())
         else:
             missing = [i for i, k in enumerate(keys) if k not in self.cache]
             encoded = self._encode_or_skip(batch, missing) if missing else {}
             for i, row in encoded.items():
                 self.cache[keys[i]] = tuple(None if t is None else t.cpu() for t in row)
-            rows = [self.cache[k] for k in keys if k in self.cache]
+            kept = [i for i, k in enumerate(keys) if k in self.cache]
+            rows = [self.cache[keys[i]] for i in kept]
         if not rows:
             return None
         to = lambda t: t.to(device, non_blocking=True).float()
@@ -192,7 +204,7 @@ class FrozenEncoder:
         target = to(torch.stack([r[0] for r in rows]))
         source = None if rows[0][1] is None else to(torch.stack([r[1] for r in rows]))
         padded = text_padded([r[2].shape[0] for r in rows], self.text_pad_multiple)
-        return target, source, to(states), mask.to(device), padded
+        return Encoded(target, source, to(states), mask.to(device), padded, kept)
 
 
 def calibration_states(sets: list, conditioner: QwenVLConditioner | None, count: int = 16

@@ -261,7 +261,7 @@ class Trainer:
             encoded = self.encoder(batch, device)
         if encoded is None:
             return None
-        x0, source, states, mask, padded = encoded
+        x0, source, states, mask, padded, kept = encoded
         target_tokens = x0.shape[2] * x0.shape[3] // 4
         mu = flow.resolution_mu(target_tokens) if obj.resolution_shift else None
         sigmas = flow.sample_sigmas(x0.shape[0], obj.sigma_sampling, obj.logit_mean, obj.logit_std, mu=mu,
@@ -270,7 +270,7 @@ class Trainer:
         guidance = torch.full((x0.shape[0],), float(obj.guidance), device=device)
         region_weight = None
         if self.region_weighting != "none":
-            region = batch_region(batch, x0.shape[-2:])
+            region = batch_region(batch, x0.shape[-2:])[kept]  # the samples the encoders did not skip
             region_weight = flow.region_weights(self.region_weighting, region).to(device, non_blocking=True)
         loss, losses = flow.training_loss(self.editor, x0, noise, sigmas, source, states, mask, guidance,
                                           obj.loss_weighting, padded, region_weight)

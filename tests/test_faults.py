@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -226,6 +227,20 @@ def test_an_instruction_over_the_encoder_budget_is_skipped_and_the_run_continues
     assert [m["step"] for m in metrics] == list(range(1, 15))
     assert metrics[-1]["data/skipped_unencodable"] >= 1
     assert all(m["loss"] == m["loss"] for m in metrics)  # finite: the refused sample never reached the model
+
+
+def test_region_weights_follow_the_samples_the_encoders_keep(tmp_path, cache_dir):
+    import dataclasses
+
+    data = shard_dir(tmp_path / "toy", toy(8))
+    run = trainer(tmp_path, *SHARDS, f"data.train={data}", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
+                  "objective.region_weighting=log")
+    batch = next(run.batches)
+    long = "Paint the circle a slightly different shade of teal please. " * 60  # over Qwen's max_length
+    batch = dataclasses.replace(batch, instructions=[long, *batch.instructions[1:]])
+    loss, losses, _ = run.compute_loss(batch)  # the region weights of the 3 samples kept, not of all 4
+    assert losses.shape == (3,) and torch.isfinite(loss)
+    assert run.encoder.skips.counts["unencodable"] == 1
 
 
 def test_config_errors_print_one_paragraph_without_a_traceback(tmp_path):
