@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from editflow import flow
-from editflow.config import compose
+from editflow.config import compose, validate_groups
 from editflow.guard import NonFiniteGuard
 from editflow.models.build import (ASSETS, build_editor, compile_blocks, configure_transformer, keep_trainable_in_fp32,
                                    qwen_hidden_size, torch_dtype)
@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict:
     if device.type == "cpu":  # the CPU has no bf16 tensor cores worth timing: fp32, plain attention
         cfg.model.dtype = "float32"
         cfg.model.attention_backend = "native"
+    validate_groups(cfg, ("model", "optim", "objective"))  # not the checks that span groups: any model on any device
     if args.compile is None:
         args.compile = device.type == "cuda"
     if args.memory_cap_gb and device.type == "cuda":

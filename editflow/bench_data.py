@@ -279,13 +279,14 @@ def _cpu_model() -> str:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from editflow.config import compose
+    from editflow.config import compose, validate_groups
     from editflow.data.threads import usable_cpus
 
     if not any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in overrides):
         overrides = ["experiment=gpt_image_edit_8xa100", *overrides]  # the full-scale preset's loader settings
     commit = _commit()  # before anything runs: the code that is measured
     cfg = compose(overrides)
+    validate_groups(cfg, ("data",))
     workers, threads = cfg.data.num_workers, cfg.data.decode_threads
     cpus = usable_cpus()
     cores = min(parallelism(cfg), cpus)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def config_error(err: Exception) -> ConfigError:
     key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and key:
         reason = str(cause).splitlines()[0]
+        if "does not support deletion" in reason:
+            return ConfigError(cannot_delete(key))
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
             return ConfigError(f"{key}: unknown key ({reason}); {KEYS_HINT}")
         return ConfigError(f"{key}: {reason}")
@@ -66,7 +69,18 @@ def config_error(err: Exception) -> ConfigError:
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         return ConfigError(f"{group}={name}: there is no {CONFIG_DIR / group / name}.yaml; the options: "
                            f"{', '.join(err.options)}")
-    return ConfigError(" ".join(line.strip() for line in str(err).splitlines() if line.strip()))
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    quoted = re.search(r"'([\w.]+)'", message)
+    if message.startswith("Could not delete from config") and quoted:  # `~key`: the schema has every key
+        return ConfigError(cannot_delete(quoted[1]))
+    if message.startswith("Could not append to config") and quoted:  # `+key` for a key the schema has
+        return ConfigError(f"{quoted[1]}: is already a key; set it without the + ({quoted[1]}=VALUE)")
+    return ConfigError(message)
+
+
+def cannot_delete(key: str) -> str:
+    return (f"{key}: keys cannot be deleted (the schema, editflow/config_schema.py, types every key); set "
+            f"{key}=null or another value instead")
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -85,13 +99,24 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+def validate_groups(cfg: DictConfig, groups: tuple[str, ...]) -> None:
+    """`validate` for commands that read only some groups (`editflow bench`): unknown keys anywhere, then
+    those groups' own checks, not the ones that span groups."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (not in the schema, editflow/config_schema.py); {KEYS_HINT}")
+    try:
+        for group in groups:
+            OmegaConf.to_object(cfg[group])
+    except OmegaConfBaseException as err:
+        raise config_error(err) from None
+
+
 def validate(cfg: DictConfig, training: bool = True) -> None:
     """Check a composed config before any model loads: unknown keys, then every dataclass's checks (run as
     `OmegaConf.to_object` builds them), each failure a ConfigError naming the key. `training=False`
     (`editflow encode`) skips what only a training run needs (a stage-2 preset's `model.connector.init_from`)."""
-    unknown = unknown_keys(cfg)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (not in the schema, editflow/config_schema.py); {KEYS_HINT}")
+    validate_groups(cfg, ())
     try:
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # a required value not set, an interpolation that does not resolve

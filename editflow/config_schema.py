@@ -206,8 +206,9 @@ def check_train_spec(spec: Any) -> None:
         key = f"data.train.{name}"
         require(isinstance(entry, dict) and "path" in entry, key,
                 f"expected {{path: DIR or [DIRS], weight: W}}, got {entry!r}")
-        for extra in sorted(set(entry) - {"path", "weight"}):
-            raise ConfigError(f"{key}.{extra}: unknown key; a set has path and weight")
+        extra = sorted(set(entry) - {"path", "weight"})
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]}: unknown key; a set has path and weight")
         check_shard_spec(entry["path"], f"{key}.path")
         weight = entry.get("weight")
         require(weight is None or (is_number(weight) and weight >= 0), f"{key}.weight",
@@ -238,7 +239,8 @@ class DataConfig(Checked):
             for key in ("train", "val"):
                 require(getattr(self, key) is None, f"data.{key}",
                         f"the toy data (data=toy, the default) has no data.{key} and would ignore it; add data=shards "
-                        f"to train on shards: editflow train data=shards data.{key}=DIR ...")
+                        f"to train on shards (editflow train data=shards data.{key}=DIR ...), or set data.{key}=null "
+                        "to train on the toy data")
         else:
             require(self.train is not None, "data.train",
                     "is not set: give a shard directory (editflow data convert --out), a list of them, or "
@@ -404,14 +406,14 @@ class EncodeConfig(Checked):
 
     def check(self) -> None:
         positive(self.batch_size, "encode.batch_size")
-        require(self.drops == "auto" or (isinstance(self.drops, list) and set(self.drops) <= set(DROP_OUTCOMES)),
+        require(self.drops == "auto" or (isinstance(self.drops, list) and all(d in DROP_OUTCOMES for d in self.drops)),
                 "encode.drops", f"expected auto or a list of {', '.join(DROP_OUTCOMES)}, got {self.drops!r}")
 
 
 @dataclass
 class LoggingConfig(Checked):
     wandb: bool = True  # offline by default: runs/.../wandb, `wandb sync` later
-    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_mode: str = "offline"  # online | offline | disabled | shared
     project: str = "editflow"
     name: Optional[str] = None
     run_id: Optional[str] = None  # default: the run directory's name (a requeued job continues the same run)

@@ -187,7 +187,7 @@ class Trainer:
             decode_threads=dcfg.decode_threads,
             regions=self.region_weighting != "none" and not pre_encoded,
         )
-        return ResumableLoader(stream, num_workers=dcfg.num_workers)
+        return ResumableLoader(stream, num_workers=dcfg.num_workers, pin_memory=acc.device.type == "cuda")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

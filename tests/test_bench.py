@@ -65,3 +65,14 @@ def test_bench_data_rejects_bad_sizes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", "data", "--side", "100",
                              "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--side must be a multiple of 16" in result.stderr
+
+
+@pytest.mark.parametrize("command, override, key", [
+    ("train", "model.trainable=bogus", "model.trainable"), ("train", "+trainer.max_step=5", "trainer.max_step"),
+    ("data", "data.decode_threads=-1", "data.decode_threads")])
+def test_bench_refuses_a_bad_value_naming_its_key(tmp_path, command, override, key):
+    """The benches check the groups they read, as training does: nothing is timed on a config that would not run."""
+    result = subprocess.run([sys.executable, "-m", "editflow.cli", "bench", command, override,
+                             "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not (tmp_path / "x.json").exists()
+    assert f"{key}:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]

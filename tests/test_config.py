@@ -161,6 +161,28 @@ def test_a_saved_config_without_newer_keys_reads_back_with_their_defaults(tmp_pa
     assert where == checkpoint and loaded.objective.sample_guidance == 2.0
 
 
+def test_a_saved_config_that_does_not_fit_the_schema_is_refused_naming_file_and_key(tmp_path):
+    """A resume from a checkpoint whose saved config has a value of the wrong type stops before any model
+    loads, naming the checkpoint's file and the key (instead of being skipped as damaged)."""
+    from safetensors.torch import save_file
+
+    from editflow import checkpoint as ckpt
+    from editflow.errors import CheckpointError
+
+    saved = OmegaConf.to_container(compose_config(["experiment=debug"]), resolve=True)
+    saved["trainer"]["max_steps"] = "abc"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"config": saved}))
+    save_file({"w": torch.zeros(1)}, checkpoint / ckpt.MODEL_FILE)
+    (checkpoint / ckpt.MARKER).write_text("4")
+    with pytest.raises(ConfigError, match=r"train_state\.json.*trainer\.max_steps"):
+        saved_config(saved, str(checkpoint / "train_state.json"))
+    with pytest.raises(CheckpointError, match=r"trainer\.resume=.*step-0000004.*trainer\.max_steps"):
+        ckpt.resume_candidates(str(tmp_path / "run"), tmp_path / "run" / "checkpoints",
+                               compose_config(["experiment=debug"]).model)
+
+
 def test_lr_at_warmup_end_middle_and_end_of_the_cosine():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 500, 30000, min_lr=1e-6)

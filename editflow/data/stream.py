@@ -325,10 +325,11 @@ class ResumableLoader:
     `num_workers` > 0 makes the batches in DataLoader worker processes, each decoding one batch at a time
     (the stream's `decode_threads` is then not used); 0 makes them in this process, with the stream's
     decode threads. The worker count shapes the order of the batches, the thread count does not. The
-    loader reports what the stream skipped (`skips`), all workers together."""
+    loader reports what the stream skipped (`skips`), all workers together. `pin_memory` pins the batches
+    (their own `pin_memory()`), so that the copies to a CUDA device can overlap the step."""
 
-    def __init__(self, stream: BucketStream, num_workers: int = 0):
-        self.stream, self.num_workers = stream, num_workers
+    def __init__(self, stream: BucketStream, num_workers: int = 0, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         if num_workers and stream.decode_threads:
             log.warning("data.num_workers=%d: batches are made in worker processes and data.decode_threads=%d is "
                         "not used; for decoding images, data.num_workers=0 (threads in the training process) "
@@ -344,7 +345,8 @@ class ResumableLoader:
         # training step's noise comes from (it would shift the noise of a resumed run).
         generator = torch.Generator().manual_seed(self.stream.seed)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, generator=generator,
-                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                            pin_memory=self.pin_memory)
         return iter(loader)
 
     def __iter__(self):
