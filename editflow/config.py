@@ -99,12 +99,16 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
-def validate_groups(cfg: DictConfig, groups: tuple[str, ...]) -> None:
-    """`validate` for commands that read only some groups (`editflow bench`): unknown keys anywhere, then
-    those groups' own checks, not the ones that span groups."""
+def refuse_unknown_keys(cfg: DictConfig) -> None:
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (not in the schema, editflow/config_schema.py); {KEYS_HINT}")
+
+
+def validate_groups(cfg: DictConfig, groups: tuple[str, ...]) -> None:
+    """`validate` for commands that read only some groups (`editflow bench`): unknown keys anywhere, then
+    those groups' own checks, not the ones that span groups."""
+    refuse_unknown_keys(cfg)
     try:
         for group in groups:
             OmegaConf.to_object(cfg[group])
@@ -116,7 +120,7 @@ def validate(cfg: DictConfig, training: bool = True) -> None:
     """Check a composed config before any model loads: unknown keys, then every dataclass's checks (run as
     `OmegaConf.to_object` builds them), each failure a ConfigError naming the key. `training=False`
     (`editflow encode`) skips what only a training run needs (a stage-2 preset's `model.connector.init_from`)."""
-    validate_groups(cfg, ())
+    refuse_unknown_keys(cfg)
     try:
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # a required value not set, an interpolation that does not resolve
