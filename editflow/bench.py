@@ -91,7 +91,7 @@ def random_editor(cfg, arch: dict, device: torch.device, reference: bool) -> Kon
     with torch.device(device):
         transformer = FluxTransformer2DModel(**arch).to(torch_dtype(mcfg.dtype))
     plan = configure_transformer(transformer, mcfg, training=True)
-    editor = build_editor(mcfg, transformer, plan, qwen_hidden_size(mcfg.qwen.pretrained))
+    editor = build_editor(mcfg, transformer, plan, qwen_hidden_size(mcfg.qwen.pretrained), training=True)
     keep_trainable_in_fp32(editor, mcfg)
     return editor.train()
 

@@ -199,8 +199,10 @@ def eval_metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int):
-    """Batch of samples -> edited images, each sampled at the bucket nearest its source's aspect."""
+def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int, text_guidance: float = 1.0,
+                 image_guidance: float = 1.0):
+    """Batch of samples -> edited images, each sampled at the bucket nearest its source's aspect (text/image
+    guidance: the two-scale classifier-free guidance of `editflow edit`; 1.0 disables it)."""
     generator = torch.Generator().manual_seed(seed)
 
     def edit(batch):
@@ -211,7 +213,8 @@ def make_edit_fn(pipe, bucket_base: int, steps: int, guidance: float, seed: int)
         for (width, height), indices in groups.items():
             images = pipe([batch[i].source for i in indices], [batch[i].instruction for i in indices],
                           num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                          generator=generator)
+                          generator=generator, text_guidance_scale=text_guidance,
+                          image_guidance_scale=image_guidance)
             for i, image in zip(indices, images):
                 outputs[i] = image
         return outputs

@@ -148,11 +148,14 @@ def test_init_from_a_checkpoint_run_and_export_restores_the_whole_connector(tiny
 
 
 def test_trainable_connector_freezes_the_transformer(tiny_model_cfg):
+    """Stage 1 trains the connector's token path; the pooled vector stays at the base's empty prompt."""
     cfg = OmegaConf.merge(tiny_model_cfg, {"trainable": "connector"})
     editor = build_models(cfg, seed=0, training=True).editor
     trainable = {n for n, p in editor.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("connector.") for n in trainable)
-    assert {n for n, _ in editor.connector.named_parameters(prefix="connector")} == trainable
+    tokens = {n for n, _ in editor.connector.named_parameters(prefix="connector") if ".pooled_correction." not in n}
+    assert tokens and trainable == tokens
+    full = build_models(OmegaConf.merge(tiny_model_cfg, {"trainable": "full"}), seed=0, training=True).editor
+    assert all(p.requires_grad for p in full.connector.pooled_correction.parameters())  # stage 2 learns it
 
 
 def test_stage_two_starts_from_the_stage_one_connector(tmp_path, monkeypatch):
@@ -170,10 +173,14 @@ def test_stage_two_starts_from_the_stage_one_connector(tmp_path, monkeypatch):
               "optim.lr=1e-3", "optim.schedule=constant")
     stage1 = load_file(tmp_path / "stage1" / "checkpoints" / "step-0000004" / "model.safetensors")
     assert stage1 and all(k.startswith("connector.") for k in stage1)  # only the connector trained
+    assert not any(".pooled_correction." in k for k in stage1)  # ... its token path: the pooled vector stayed put
     monkeypatch.setenv("EDITFLOW_CACHE", str(cache))
     cfg = compose([*QUICK, f"model.connector.init_from={tmp_path / 'stage1'}", "logging.wandb=false"])
     trainer = Trainer(cfg, tmp_path / "stage2")
     start = trainer.accelerator.unwrap_model(trainer.editor).connector.state_dict()
     for key, value in stage1.items():
         assert torch.equal(start[key.removeprefix("connector.")], value), key
+    connector = trainer.accelerator.unwrap_model(trainer.editor).connector
+    states, mask = torch.randn(2, 5, connector.sizes["qwen_dim"]), torch.ones(2, 5, dtype=torch.bool)
+    assert torch.equal(connector.pooled(states, mask), connector.pooled_base.expand(2, -1))  # correction at zero
     assert any(p.requires_grad for p in trainer.editor.transformer.parameters())  # stage 2 trains it

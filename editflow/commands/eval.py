@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="Kontext distilled guidance, one value or several (each is evaluated; the first is the "
                              "headline); default: the model's objective.sample_guidance")
+    parser.add_argument("--text-guidance", type=float, default=1.0,
+                        help="classifier-free guidance over the instruction, as in `editflow edit` (1.0: off; the "
+                             "model needs objective.drop_text > 0 in training)")
+    parser.add_argument("--image-guidance", type=float, default=1.0,
+                        help="classifier-free guidance over the image Qwen sees (1.0: off; needs objective.drop_both)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", choices=["none", "qwen"], default="none", help="VLM judge (GEdit/ImgEdit style)")
@@ -65,9 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.judge != "none":
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         judge = JUDGES[args.judge].from_pretrained(args.judge_model, dtype=dtype, device=args.device)
-    result, edits = evaluate_guidances(samples, lambda g: make_edit_fn(pipe, base, args.steps, g, args.seed),
-                                       guidances, batch_size=args.batch_size, judge=judge, progress=True)
-    result.update(model_path=str(args.model), data=args.data, steps=args.steps, judge=args.judge)
+    result, edits = evaluate_guidances(
+        samples, lambda g: make_edit_fn(pipe, base, args.steps, g, args.seed, args.text_guidance, args.image_guidance),
+        guidances, batch_size=args.batch_size, judge=judge, progress=True)
+    result.update(model_path=str(args.model), data=args.data, steps=args.steps, judge=args.judge,
+                  text_guidance=args.text_guidance, image_guidance=args.image_guidance)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(finite(result), indent=1))
     if args.grid:

@@ -143,7 +143,7 @@ TRAINABLE = ("full", "lora", "reference_attention", "connector")  # model.traina
 
 def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> None:
     """model.trainable: full | lora (PEFT adapters; base frozen) | reference_attention | connector (stage 1:
-    the transformer frozen, only the connector trains)."""
+    the transformer frozen, only the connector's token path trains: `select_trainable_connector`)."""
     mode = cfg.trainable
     if mode == "full":
         transformer.requires_grad_(True)
@@ -161,6 +161,14 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
         for name, param in transformer.named_parameters():
             param.requires_grad_(name.startswith("transformer_blocks.") and any(p in name for p in
                                                                                  REFERENCE_ATTENTION_PATTERNS))
+
+
+def select_trainable_connector(connector: Connector, mode: str) -> None:
+    """Stage 1 (trainable=connector) trains the token path alone: the pooled vector stays at the base's CLIP
+    embedding of "", the constant the public reference feeds in its stage 1, and its correction learns in
+    stage 2, from zero. A correction aligned to a frozen transformer first cost the toy's two-stage run
+    (README, "The two-stage recipe")."""
+    connector.pooled_correction.requires_grad_(mode != "connector")
 
 
 def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
@@ -187,16 +195,18 @@ def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_ad
     transformer = build_transformer(cfg.transformer, torch_dtype(cfg.dtype))
     plan = configure_transformer(transformer, cfg, training, lora_adapter)
     conditioner, codec = (None, None) if qwen_dim else build_frozen(cfg)
-    editor = build_editor(cfg, transformer, plan, qwen_dim or conditioner.hidden_size)
+    editor = build_editor(cfg, transformer, plan, qwen_dim or conditioner.hidden_size, training)
     return Models(editor, conditioner, codec, build_scheduler())
 
 
 def build_editor(cfg: DictConfig, transformer: FluxTransformer2DModel, plan: AttentionPlan,
-                 qwen_dim: int) -> KontextEditor:
+                 qwen_dim: int, training: bool = False) -> KontextEditor:
     """The trainable editor of a `model/` config node around a configured transformer: a new connector
     (in model.dtype, on the transformer's device) from Qwen's width to the transformer's."""
     connector = build_connector(cfg.connector, qwen_dim, transformer)
     connector.to(transformer.device, torch_dtype(cfg.dtype))
+    if training:
+        select_trainable_connector(connector, cfg.trainable)
     return KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=cfg.text_pad_multiple)
 
 
