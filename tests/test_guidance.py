@@ -59,6 +59,12 @@ def test_edit_eval_pipeline_and_export_share_the_default(run, tmp_path):
         "--guidance", "1.0", "2.5")
     report = json.loads((tmp_path / "m2.json").read_text())
     assert report["guidance"] == 1.0 and set(report["by_guidance"]) == {"1", "2.5"}
+    cli("eval", "--model", run / "run", "--data", val, "--out", tmp_path / "m3.json", "--limit", "2", "--steps", "2",
+        "--text-guidance", "3.0")  # classifier-free guidance over the instruction, as `editflow edit` samples it
+    guided = json.loads((tmp_path / "m3.json").read_text())
+    default = json.loads((tmp_path / "m.json").read_text())
+    assert (guided["text_guidance"], default["text_guidance"]) == (3.0, 1.0)
+    assert guided["model"]["mae"] != default["model"]["mae"]
 
     cli("export", run / "run", "--out", tmp_path / "export")
     export = json.loads((tmp_path / "export" / "editflow.json").read_text())
