@@ -177,10 +177,10 @@ def test_stage_two_starts_from_the_stage_one_connector(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITFLOW_CACHE", str(cache))
     cfg = compose([*QUICK, f"model.connector.init_from={tmp_path / 'stage1'}", "logging.wandb=false"])
     trainer = Trainer(cfg, tmp_path / "stage2")
-    start = trainer.accelerator.unwrap_model(trainer.editor).connector.state_dict()
+    connector = trainer.accelerator.unwrap_model(trainer.editor).connector
+    start = connector.state_dict()
     for key, value in stage1.items():
         assert torch.equal(start[key.removeprefix("connector.")], value), key
-    connector = trainer.accelerator.unwrap_model(trainer.editor).connector
     states, mask = torch.randn(2, 5, connector.sizes["qwen_dim"]), torch.ones(2, 5, dtype=torch.bool)
     assert torch.equal(connector.pooled(states, mask), connector.pooled_base.expand(2, -1))  # correction at zero
     assert any(p.requires_grad for p in trainer.editor.transformer.parameters())  # stage 2 trains it
