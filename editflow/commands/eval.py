@@ -16,6 +16,7 @@ from editflow.edit import check_writable
 from editflow.errors import EditflowError, report
 from editflow.evaluation import evaluate_guidances, grid_picks, make_edit_fn, sample_grid
 from editflow.model_paths import read_model_config
+from editflow.reliance import conditioning_reliance, reliance_table, swap_groups
 
 
 def finite(value):
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge", choices=["none", "qwen"], default="none", help="VLM judge (GEdit/ImgEdit style)")
     parser.add_argument("--judge-model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="judge weights: path or hub id")
     parser.add_argument("--grid", help="also write a sample grid PNG here")
+    parser.add_argument("--reliance", action="store_true",
+                        help="also measure whether the model reads its inputs: the flow loss per kind of edit with "
+                             "each sample's own instruction and source, then another sample's (editflow/reliance.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -56,11 +60,13 @@ def main(argv: list[str] | None = None) -> None:
             raise EditflowError(f"--limit must be at least 1, got {args.limit}")
         for path in filter(None, (args.out, args.grid)):
             check_writable(Path(path))
-        _, model = read_model_config(args.model)
+        config, model = read_model_config(args.model)
         samples = read_samples(resolve_urls(args.data, "--data"), args.limit)
         if not any(s.source is not None for s in samples):
             raise EditflowError(f"--data {' '.join(args.data)}: none of its {len(samples)} samples has a source "
                                 "image to edit")
+        if args.reliance:
+            swap_groups(samples, config.data.bucket_base)
         pipe = EditPipeline.from_pretrained(model, device=args.device)
     except (EditflowError, FileNotFoundError, ValueError) as err:
         report("eval", err, code=2)
@@ -75,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         guidances, batch_size=args.batch_size, judge=judge, progress=True)
     result.update(model_path=str(args.model), data=args.data, steps=args.steps, judge=args.judge,
                   text_guidance=args.text_guidance, image_guidance=args.image_guidance)
+    if args.reliance:
+        result["reliance"] = conditioning_reliance(pipe, samples, base, pipe.config.objective.guidance, args.seed,
+                                                   args.batch_size)
+        print(reliance_table(result["reliance"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(finite(result), indent=1))
     if args.grid:
