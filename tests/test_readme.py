@@ -78,7 +78,7 @@ def workspace(quick_model, tmp_path_factory):
     (ws / "RUN").symlink_to(quick_model / "run")
     (ws / "runs" / "DATE").mkdir(parents=True)
     (ws / "runs" / "DATE" / "TIME").symlink_to(quick_model / "run")
-    write_toy_shards(ws / "data" / "shards" / "val", num=4, progress=False)
+    write_toy_shards(ws / "data" / "shards" / "val", num=10, progress=False)  # two of each kind: eval --reliance pairs them
     return ws
 
 
