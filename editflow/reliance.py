@@ -96,9 +96,10 @@ def conditioning_reliance(pipe, samples: Sequence[EditSample], base: int, guidan
             rows += [(task, dict(zip(INPUTS, map(float, row)))) for row in losses]
     losses = aggregate(rows)
     ratios = {}
-    for name, value in losses.items():
-        if name.startswith("other_"):
-            own = losses["own" + name[len(name.split("/")[0]):]]
+    for name, value in losses.items():  # "other_source" or "other_source/add" over "own" or "own/add"
+        swap, slash, kind = name.partition("/")
+        if swap != "own":
+            own = losses["own" + slash + kind]
             ratios[name] = value / own if own else float("nan")
     return {"sigmas": list(SIGMAS), "num_samples": len(rows), "left_out": left_out, "loss": losses,
             "ratio": ratios}
