@@ -44,10 +44,6 @@ def _task(sample: EditSample) -> str:
     return sample.meta.get("task") or "edit"
 
 
-def _images(samples: Sequence[EditSample], role: str, size: tuple[int, int]) -> torch.Tensor:
-    return torch.stack([image_tensor(_fit(getattr(s, role), size)) for s in samples])
-
-
 def _fit(image, size: tuple[int, int]):
     """RGB at the bucket's size, resized as the sampler resizes a source."""
     image = to_rgb(image)
@@ -58,10 +54,10 @@ def _fit(image, size: tuple[int, int]):
 def _losses(pipe, own: list[EditSample], other: list[EditSample], size, guidance: float, seed: int):
     """(len(own), 3) flow losses, averaged over SIGMAS: own inputs, the partner's instruction, its source."""
     device = pipe.device
-    x0 = pipe.codec.encode(_images(own, "target", size)).to(device).float()
-    sources = pipe.codec.encode(_images(own, "source", size)).to(device)
-    swapped = pipe.codec.encode(_images(other, "source", size)).to(device)
+    latents = lambda images: pipe.codec.encode(torch.stack([image_tensor(im) for im in images])).to(device)
     images = [_fit(s.source, size) for s in own]  # what Qwen sees: this sample's source, either way
+    x0 = latents([_fit(s.target, size) for s in own]).float()
+    sources, swapped = latents(images), latents([_fit(s.source, size) for s in other])
     conditions = [pipe.encode(images, [s.instruction for s in own]),
                   pipe.encode(images, [s.instruction for s in other])]
     runs = [(conditions[0], sources), (conditions[1], sources), (conditions[0], swapped)]

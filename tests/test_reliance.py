@@ -73,7 +73,7 @@ def test_eval_cli_writes_and_prints_the_reliance(quick_model, tmp_path):
     result = run("--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     reliance = json.loads(out.read_text())["reliance"]
-    assert reliance["num_samples"] + reliance["left_out"] == 8
+    assert (reliance["num_samples"], reliance["left_out"]) == (6, 2)  # 8 edits: recolor, add, remove paired
     assert set(reliance["loss"]) >= {"own", "other_instruction", "other_source"}
     assert "other instruction" in result.stdout
 
