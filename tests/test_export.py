@@ -1,10 +1,12 @@
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
+from editflow import quiet
 from editflow.data.toy import make_edit
 from editflow.commands.edit import main as edit_main
 from editflow.export import export
@@ -34,6 +36,20 @@ def test_export_loads_in_editflow_and_diffusers_with_identical_images(quick_mode
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     # to_diffusers() hands over the same modules
     assert from_export.to_diffusers().transformer is from_export.editor.transformer
+
+
+def test_export_is_quiet_about_the_text_encoders_it_leaves_out(quick_model, tmp_path):
+    quiet.install()  # as the CLI does
+    notices = []
+    handler = logging.Handler()
+    handler.emit = notices.append  # sees what passes the logger's filters, as the terminal would
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    logger.addHandler(handler)
+    try:
+        export(quick_model / "run", tmp_path / "export")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in notices if "cannot be saved" in r.getMessage()]
 
 
 def test_edit_cli_accepts_an_export(quick_model, tmp_path):
