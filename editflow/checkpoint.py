@@ -282,8 +282,13 @@ def check_writable(root: Path, run_dir: Path, rank: int) -> None:
 
 def resume_candidates(resume: str | None, root: Path, model_cfg) -> list[Path]:
     """The checkpoints trainer.resume may continue from, newest first: `auto` (this run's under `root`), a run
-    directory or one checkpoint; checked against this run's model config before any model loads."""
+    directory or one checkpoint; checked against this run's model config before any model loads. Without
+    resume, a run directory that already holds checkpoints is refused: the new run would overwrite them."""
     if not resume:
+        earlier = complete_checkpoints(root)
+        if earlier:  # a new run would overwrite them (and the metrics, the config and the eval beside them)
+            raise CheckpointError(f"{root.parent} already holds a run (checkpoints up to {earlier[-1].name}); "
+                                  "continue it with trainer.resume=auto, or give a new hydra.run.dir")
         return []
     path = root if resume == "auto" else Path(resume).expanduser()
     if resume != "auto" and is_checkpoint(path):

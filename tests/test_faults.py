@@ -91,6 +91,19 @@ def test_an_unwritable_run_directory_fails_before_the_models_load(tmp_path, cach
         trainer(tmp_path, run="file/run")
 
 
+def test_pre_encoded_shards_of_other_source_shards_are_refused(tmp_path, cache_dir, no_models):
+    """`editflow encode` records the source shards; a data.train that names others is refused, not trained on
+    the old encoding without a word."""
+    encoded_from, now = shard_dir(tmp_path / "first", toy(2)), shard_dir(tmp_path / "second", toy(2, seed=1))
+    enc = tmp_path / "enc" / "train"
+    enc.mkdir(parents=True)
+    (enc / "000000-shard-000000.tar").write_bytes(b"")
+    write_manifest(enc, {"encoding": {"settings": {}, "drops": []}, "num_samples": 2, "shards": [
+        {"file": "000000-shard-000000.tar", "count": 2, "source": str(encoded_from / "shard-000000.tar")}]})
+    with pytest.raises(ConfigError, match=rf"set 'train' was encoded from {encoded_from}, but data\.train is {now}"):
+        trainer(tmp_path, *SHARDS, f"data.train={now}", f"data.pre_encoded={tmp_path / 'enc'}")
+
+
 # ---------------------------------------------------------------- resume, before the models
 
 
@@ -99,6 +112,19 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, cac
     with caplog.at_level(logging.INFO):
         assert trainer(tmp_path, "trainer.resume=auto").step == 0
     assert "no complete checkpoint" in caplog.text and "step-0000002.tmp" in caplog.text
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused_and_changes_nothing(tmp_path, cache_dir, no_models):
+    earlier = tmp_path / "run" / "checkpoints" / "step-0000004"
+    earlier.mkdir(parents=True)
+    (earlier / ckpt.MODEL_FILE).write_bytes(b"weights")
+    (earlier / ckpt.MARKER).write_text("4")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 4}\n')
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoints up to step-0000004\).*"
+                                              r"trainer\.resume=auto.*hydra\.run\.dir"):
+        trainer(tmp_path)
+    assert (earlier / ckpt.MODEL_FILE).read_bytes() == b"weights"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 4}\n'
 
 
 @pytest.mark.parametrize("target", ["missing", "empty_run"])

@@ -41,9 +41,9 @@ def train_app(cfg: DictConfig) -> None:
     try:
         validate(cfg)  # bad values and unknown keys fail here, before any model loads
         OmegaConf.resolve(cfg)
-        OmegaConf.save(cfg, f"{run_dir}/config.yaml")
         logging.getLogger(__name__).info("run directory: %s", run_dir)
         trainer = Trainer(cfg, run_dir)  # data, run directory and checkpoint checks come before the models
+        OmegaConf.save(cfg, f"{run_dir}/config.yaml")  # after those checks: a refused run overwrites nothing
         trainer.train()
     except EditflowError as err:  # bad input: one paragraph, no traceback
         report("train", err)

@@ -27,6 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from editflow.data.batches import EncodedBatch
 from editflow.data.samples import SampleError
+from editflow.errors import ConfigError
 
 TENSORS_EXT = "enc.safetensors"
 
@@ -80,16 +81,16 @@ def check_pre_encoded(sets: list, cfg: DictConfig) -> bool:
     for s in sets:
         where = f"data.pre_encoded set {s.name!r} ({os.path.dirname(s.urls[0])})"
         if s.encoding is None:
-            raise ValueError(f"{where} is not pre-encoded while others are")
+            raise ConfigError(f"{where} is not pre-encoded while others are")
         stored = s.encoding["settings"]
         differ = [f"{k} (encoded with {stored.get(k)!r}, this run has {v!r})" for k, v in current.items()
                   if stored.get(k) != v]
         if differ:
-            raise ValueError(f"{where} was encoded with other settings: {'; '.join(differ)}. Re-run "
+            raise ConfigError(f"{where} was encoded with other settings: {'; '.join(differ)}. Re-run "
                              "`editflow encode` with this run's overrides, or train with those settings")
         missing = [d for d in needed if d not in s.encoding["drops"]]
         if missing:
-            raise ValueError(f"{where} holds no Qwen states for dropping {missing} (objective.drop_*); re-run "
+            raise ConfigError(f"{where} holds no Qwen states for dropping {missing} (objective.drop_*); re-run "
                              f"`editflow encode` with this run's objective, or encode.drops=[text,image,both]")
     return True
 

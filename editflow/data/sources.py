@@ -47,7 +47,7 @@ def recorded_encoding(spec) -> dict | None:
     specs = [spec] if isinstance(spec, str) else list(spec)
     records = [read_manifest(p).get("encoding") for p in (Path(str(i)).expanduser() for i in specs) if p.is_dir()]
     if any(r != records[0] for r in records):
-        raise ValueError(f"{specs}: these directories mix pre-encoded and source shards, or two encodings")
+        raise ConfigError(f"{specs}: these directories mix pre-encoded and source shards, or two encodings")
     return records[0] if records else None
 
 
@@ -137,12 +137,34 @@ def mixture(named: list[tuple[str, float | None]], sizes: list[int | None]) -> l
     weights = []
     for (name, weight), size in zip(named, sizes):
         if weight is None and size is None:
-            raise ValueError(f"data.train.{name}: no weight, and its size is unknown (no manifest.json with "
+            raise ConfigError(f"data.train.{name}: no weight, and its size is unknown (no manifest.json with "
                              f"num_samples: given as tar files?): give data.train.{name}.weight")
         weights.append(weight if weight is not None else size / known if known else 0.0)
     if not any(weights):
-        raise ValueError(f"data.train: every set has weight 0 or no samples ({', '.join(n for n, _ in named)})")
+        raise ConfigError(f"data.train: every set has weight 0 or no samples ({', '.join(n for n, _ in named)})")
     return weights
+
+
+def _check_encoded_from(cfg: DictConfig, name: str, root: Path, manifest: dict) -> None:
+    """Pre-encoded shards stand in for data.train: refuse shards encoded from other source shards than the
+    ones data.train names. Checked where both are known: the source shards still exist and the encoding
+    recorded their absolute paths (encodings from before it did are taken on trust)."""
+    if cfg.kind == "toy" or cfg.train is None:
+        return
+    key = "data.train" if not isinstance(cfg.train, DictConfig) else f"data.train.{name}.path"
+    spec = cfg.train if key == "data.train" else cfg.train[name].path
+    recorded = [entry.get("source", "") for entry in manifest.get("shards", [])]
+    if not recorded or not all(os.path.isabs(u) for u in recorded):
+        return
+    try:
+        wanted = resolve_urls(spec, key)
+    except ConfigError:  # the source shards are gone: the encoding is all there is
+        return
+    if sorted(map(os.path.realpath, wanted)) != sorted(map(os.path.realpath, recorded)):
+        dirs = lambda urls: ", ".join(sorted({os.path.dirname(os.path.realpath(u)) for u in urls}))
+        raise ConfigError(f"data.pre_encoded={root}: set {name!r} was encoded from {dirs(recorded)}, but {key} "
+                          f"is {dirs(wanted)}; re-run `editflow encode` for this {key}, or point {key} at "
+                          "the shards it was encoded from")
 
 
 def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
@@ -155,6 +177,7 @@ def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
             raise ConfigError(f"data.pre_encoded={root}: no finished encoding of set {name!r} (no "
                               f"{root / name}/manifest.json); run `editflow encode encode.out={root}` with "
                               "this run's overrides")
+        _check_encoded_from(cfg, name, root, manifest)
         manifests.append(manifest)
     weights = mixture(named, [m.get("num_samples") for m in manifests])
     return [ShardSet(name, directory_urls(root / name, f"data.pre_encoded ({name})"), weight,
