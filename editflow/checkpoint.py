@@ -214,7 +214,19 @@ def inference_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
     if ema.exists():
         averaged = torch.load(ema, map_location="cpu", weights_only=True)
         state.update({name: weights for name, weights in averaged.items() if name in state})
+    elif decay := _ema_decay(checkpoint):  # e.g. a checkpoint copied without it
+        log.warning("%s has no ema.pt although its run averaged its weights (trainer.ema_decay=%s): editing with "
+                    "the raw weights, which are not the ones the run's evaluation scored; copy ema.pt beside "
+                    "%s", checkpoint, decay, MODEL_FILE)
     return state
+
+
+def _ema_decay(checkpoint) -> float | None:
+    """The trainer.ema_decay a checkpoint's run trained with (None when it kept no average or is unreadable)."""
+    try:
+        return load_config(checkpoint).trainer.get("ema_decay")
+    except (OSError, ValueError, KeyError, ConfigError):
+        return None
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | os.PathLike,

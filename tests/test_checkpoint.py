@@ -120,3 +120,25 @@ def test_editing_weights_are_the_ema_average_when_the_run_kept_one(tmp_path):
     weights = inference_weights(tmp_path)
     assert torch.equal(weights["connector.mlp.0.weight"], torch.full((2, 2), 0.5))  # the average
     assert torch.equal(weights["connector.pooled_base"], torch.zeros(2))  # a buffer: as saved
+
+
+def test_a_checkpoint_missing_the_ema_its_run_kept_says_so(tmp_path, caplog):
+    import json
+    import logging
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from editflow.checkpoint import inference_weights
+    from editflow.config import compose
+
+    trained = {"connector.mlp.0.weight": torch.ones(2, 2)}
+    save_file(trained, tmp_path / "model.safetensors")
+    for decay, warned in ((None, False), (0.995, True)):
+        cfg = compose([f"trainer.ema_decay={'null' if decay is None else decay}"])
+        (tmp_path / "train_state.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            weights = inference_weights(tmp_path)
+        assert torch.equal(weights["connector.mlp.0.weight"], trained["connector.mlp.0.weight"])
+        assert ("no ema.pt although its run averaged its weights (trainer.ema_decay=0.995)" in caplog.text) == warned
