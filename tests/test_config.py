@@ -222,6 +222,16 @@ def test_slurm_dry_run_renders_a_requeueing_sbatch(tmp_path):
     assert subprocess.run(["bash", "-n", str(tmp_path / "single.sbatch")]).returncode == 0
 
 
+@pytest.mark.parametrize("option,value", [("--nodes", "0"), ("--nodes", "-1"), ("--gpus-per-node", "0"),
+                                          ("--signal-lead", "-5")])
+def test_slurm_refuses_counts_that_cannot_be(option, value, capsys):
+    from editflow.commands.slurm import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([option, value, "--dry-run"])
+    assert exit_.value.code == 2 and f"argument {option}: must be at least" in capsys.readouterr().err
+
+
 def test_readme_runs_the_pinned_cuda_image():
     readme = (CONFIG_DIR.parent / "README.md").read_text()
     dockerfile = (CONFIG_DIR.parent / "docker" / "Dockerfile").read_text()

@@ -13,13 +13,24 @@ from editflow.config import parse_with_overrides
 from editflow.errors import report
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (argparse names the option when it is not)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse's message: "invalid integer value: ..."
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="editflow slurm", description=slurm.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-task", type=int, default=64)
+    parser.add_argument("--nodes", type=count(1), default=1)
+    parser.add_argument("--gpus-per-node", type=count(1), default=8)
+    parser.add_argument("--cpus-per-task", type=count(1), default=64)
     parser.add_argument("--time", default="48:00:00")
     parser.add_argument("--partition")
     parser.add_argument("--account")
@@ -28,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=str(Path.cwd()))
     parser.add_argument("--setup", default="source .venv/bin/activate 2>/dev/null || true",
                         help="shell lines run before training (modules, venv, env vars)")
-    parser.add_argument("--signal-lead", type=int, default=300, help="seconds before the limit to checkpoint")
+    parser.add_argument("--signal-lead", type=count(0), default=300, help="seconds before the limit to checkpoint")
     parser.add_argument("--accelerate-config", help="default: launch/accelerate/<launcher.accelerate_config>")
     parser.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH option, e.g. --qos=high")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
