@@ -1,15 +1,19 @@
 """`editflow edit`: edit images from the command line (one request, or a jsonl of them).
 
-Every request is checked before the model loads (files exist and decode, sizes,
-mask, output paths, instruction length) and once more against the loaded model
+Every request is checked before the model loads (the type and range of every
+option, files exist and decode, sizes, mask, output paths that can be written and
+overwrite no input, instruction length) and once more against the loaded model
 before anything is sampled: a bad input fails fast with a message that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -111,12 +115,19 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 
 def check_writable(path: Path) -> None:
-    """`path` can be written: not a directory, and its folder exists or can be made."""
+    """`path` can be written: not a directory, and a file can be made in its folder (or in the nearest folder
+    that exists, under which the missing ones will be made)."""
     if path.is_dir():
         raise RequestError(f"output {path} is a directory; give a file name")
     folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():
         raise RequestError(f"output {path}: {folder} is not a writable directory")
+    try:  # tried, not judged by permission bits: root, read-only mounts and /proc make os.access say yes
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".editflow-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RequestError(f"output {path}: {folder} is not a writable directory ({err.strerror or err})") from None
 
 
 @dataclasses.dataclass
@@ -141,19 +152,52 @@ class ModelLimits:
         return cls(config.data.bucket_base, qwen.max_length, tokenizer, allow_large)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # json's true is not a count
+
+
+def _is_finite(v) -> bool:
+    return _is_int(v) or isinstance(v, float) and math.isfinite(v)  # a nan/inf guidance samples a black image
+
+
+def _is_path(v) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+# field -> (accepts a value, what it must be): the flags and every batch line are checked alike, up front
+FIELD_RULES = {
+    "images": (lambda v: isinstance(v, list) and bool(v) and all(map(_is_path, v)),
+               "one image file path or a list of them (the first is the source)"),
+    "instruction": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "out": (_is_path, "an output file path"),
+    "num_images": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "size": (lambda v: isinstance(v, str), "a string: 'auto' or WIDTHxHEIGHT"),
+    "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "guidance": (lambda v: v is None or _is_finite(v), "a finite number (or unset: the model's default)"),
+    "text_guidance": (_is_finite, "a finite number"),
+    "image_guidance": (_is_finite, "a finite number"),
+    "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer from -2**63 to 2**64-1"),  # torch's range
+    "mask": (lambda v: v is None or _is_path(v), "an image file path (or unset)"),
+    "quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer between 1 and 100"),
+}
+
+
+def _flag(field: str) -> str:
+    return "--image" if field == "images" else "--" + field.replace("_", "-")
+
+
+def check_fields(r: EditRequest, name=_flag) -> None:
+    """Every field of `r` has its type and range; `name` says how the user wrote a field (a flag by default)."""
+    for field, (accepts, expected) in FIELD_RULES.items():
+        value = getattr(r, field)
+        if not accepts(value):
+            raise RequestError(f"{name(field)} must be {expected}, got {value!r}")
+
+
 def _check_options(r: EditRequest) -> None:
-    if not r.images or not all(isinstance(p, str) and p for p in r.images):
-        raise RequestError("give at least one --image (the source); images are file paths")
-    if not isinstance(r.instruction, str) or not r.instruction.strip():
-        raise RequestError("the instruction is empty")
-    if not isinstance(r.out, str) or Path(r.out).suffix.lower() not in OUTPUT_FORMATS:
+    check_fields(r)
+    if Path(r.out).suffix.lower() not in OUTPUT_FORMATS:
         raise RequestError(f"output {r.out}: unsupported format; use one of {sorted(OUTPUT_FORMATS)}")
-    if not isinstance(r.num_images, int) or r.num_images < 1:
-        raise RequestError("--num-images must be at least 1")
-    if not isinstance(r.steps, int) or r.steps < 1:
-        raise RequestError(f"--steps must be a positive integer, got {r.steps!r}")
-    if not isinstance(r.quality, int) or not 1 <= r.quality <= 100:
-        raise RequestError(f"--quality must be between 1 and 100, got {r.quality!r}")
 
 
 def prepare(request: EditRequest, limits: ModelLimits) -> PreparedRequest:
@@ -212,14 +256,20 @@ def check_against_model(prepared: PreparedRequest, pipe) -> None:
 
 def save_image(image: Image.Image, path: Path, quality: int) -> None:
     """Written under a temporary name and renamed: an interrupted save never leaves a broken file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = OUTPUT_FORMATS[path.suffix.lower()]
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+        os.replace(tmp, path)
+    except OSError as err:  # checked up front, but a disk can fill or a folder go away while sampling
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RequestError(f"output {path}: cannot write it ({err.strerror or err})") from None
 
 
-def run(prepared: PreparedRequest, pipe, default_guidance: float) -> list[Path]:
+def run(prepared: PreparedRequest, pipe, default_guidance: float):
+    """Samples the request and yields each output path once it is saved (so a later failure loses none)."""
     r = prepared.request
     width, height = prepared.size
     mask_image = None
@@ -233,15 +283,13 @@ def run(prepared: PreparedRequest, pipe, default_guidance: float) -> list[Path]:
         references=prepared.references, mask=mask_image, text_guidance_scale=r.text_guidance,
         image_guidance_scale=r.image_guidance,
     )
-    written = []
     for image, path in zip(images, prepared.outputs):
         if prepared.editable is not None:  # back to the source's size; outside the mask, the source exactly
             image = image.resize(prepared.source.size, Image.BICUBIC)
             keep = ~prepared.editable[..., None]
             image = Image.fromarray(np.where(keep, np.asarray(prepared.source), np.asarray(image)), "RGB")
         save_image(image, path, r.quality)
-        written.append(path)
-    return written
+        yield path
 
 
 def read_batch(path: str, defaults: EditRequest) -> list[EditRequest]:
@@ -259,30 +307,60 @@ def read_batch(path: str, defaults: EditRequest) -> list[EditRequest]:
             continue
         try:
             item = json.loads(line)
-            images = item.pop("images", None) or [item.pop("image")]
+            key = "images" if item.get("images") else "image"
+            images = item.pop("images", None) or item.pop("image")
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             raise RequestError(f"{path}:{number}: expected a json object with image/images, instruction, out "
                                f"({err})") from None
         unknown = set(item) - fields
         if unknown:
-            raise RequestError(f"{path}:{number}: unknown fields {sorted(unknown)}")
-        requests.append(dataclasses.replace(defaults, images=[images] if isinstance(images, str) else images, **item))
+            raise RequestError(f"{path}:{number}: unknown fields {sorted(unknown)}; known: image, "
+                               f"{', '.join(sorted(fields))}")
+        item["images"] = [images] if isinstance(images, str) else images
+        request = dataclasses.replace(defaults, **item)
+
+        def name(field, given=set(item), key=key):  # as the line writes it; one it leaves to a flag, by the flag
+            if field not in given:
+                return f'{_flag(field)} (no "{field}" in the line)'
+            return f'"{key if field == "images" else field}"'
+
+        try:
+            check_fields(request, name)
+        except RequestError as err:
+            raise RequestError(f"{path}:{number}: {err}") from None
+        requests.append(request)
     if not requests:
         raise RequestError(f"batch file {path} holds no requests")
     return requests
 
 
+def inputs_of(request: EditRequest) -> list[tuple[str, str]]:
+    """(what, path) of every file the request reads."""
+    named = [("source image", request.images[0]), ("mask", request.mask)]
+    return [*named, *((f"reference image {i}", p) for i, p in enumerate(request.images[1:], start=1))]
+
+
 def prepare_all(requests: list[EditRequest], limits: ModelLimits, batch: bool) -> list[PreparedRequest]:
-    """Every request checked, and no two writing the same file."""
-    prepared, owners = [], {}
+    """Every request checked, no two writing the same file, and none writing over a file any of them reads."""
+    prepared, owners, inputs = [], {}, {}
     for i, request in enumerate(requests, start=1):
         try:
-            item = prepare(request, limits)
+            prepared.append(prepare(request, limits))
+        except RequestError as err:
+            raise RequestError(f"request {i}: {err}" if batch else str(err)) from None
+        for what, path in inputs_of(request):  # resolved: a relative path or a symlink is the same file
+            if path:
+                inputs.setdefault(Path(path).resolve(), (f"{what} of request {i}" if batch else what, path))
+    for i, item in enumerate(prepared, start=1):
+        try:
             for path in item.outputs:
+                if path.resolve() in inputs:  # the input would be lost, and with rc 0
+                    what, given = inputs[path.resolve()]
+                    raise RequestError(f"output {path} is the {what} ({given}): it would be overwritten; "
+                                       "write the edit to another file")
                 if path.resolve() in owners:
                     raise RequestError(f"output {path} is also written by request {owners[path.resolve()]}")
                 owners[path.resolve()] = i
         except RequestError as err:
             raise RequestError(f"request {i}: {err}" if batch else str(err)) from None
-        prepared.append(item)
     return prepared

@@ -1,5 +1,8 @@
+import errno
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +228,101 @@ def test_every_image_mode_reads_the_same_in_edit_training_and_convert(mode, tmp_
     converted = Image.open(io.BytesIO(stored))
     for seen in (edited, trained, converted):
         assert seen.mode == "RGB" and seen.getpixel((5, 5)) == expected, (mode, seen.mode, seen.getpixel((5, 5)))
+
+
+def test_an_output_that_is_an_input_is_refused_before_the_model_loads(quick_model, source, tmp_path, capsys,
+                                                                     no_model_load, monkeypatch):
+    original = source.read_bytes()
+    (tmp_path / "link.png").symlink_to(source)
+    mask, reference = tmp_path / "mask.png", tmp_path / "ref.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    Image.new("RGB", (64, 64), "white").save(reference)
+    monkeypatch.chdir(tmp_path)
+    for image, out in [(source, source), (source, tmp_path / "link.png"), (tmp_path / "link.png", source),
+                       ("src.png", "a/../src.png")]:  # the same file, by symlink or relative path
+        message = error_of(quick_model, capsys, "--image", image, "--instruction", "x", "--out", out)
+        assert f"output {out} is the source image ({image})" in message and "overwritten" in message
+    message = error_of(quick_model, capsys, "--image", source, "--image", reference, "--instruction", "x",
+                       "--out", reference)
+    assert f"output {reference} is the reference image 1" in message
+    message = error_of(quick_model, capsys, "--image", source, "--mask", mask, "--instruction", "x", "--out", mask)
+    assert f"output {mask} is the mask" in message
+    requests = tmp_path / "requests.jsonl"  # request 2 would write over request 1's source
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"image": str(source), "instruction": "x", "out": str(tmp_path / "one.png")},
+        {"image": str(reference), "instruction": "x", "out": "src.png"}]))
+    message = error_of(quick_model, capsys, "--batch", requests)
+    assert message.startswith("editflow edit: error: request 2: output src.png is the source image of request 1")
+    assert source.read_bytes() == original and not (tmp_path / "one.png").exists()
+
+
+BAD_FIELDS = [  # field, value, what the message must say it expects
+    ("guidance", "abc", "a finite number"), ("text_guidance", "3", "a finite number"),
+    ("image_guidance", float("nan"), "a finite number"), ("guidance", float("inf"), "a finite number"),
+    ("seed", "7", "an integer"), ("size", 512, "a string"), ("mask", 5, "an image file path"),
+    ("steps", True, "a positive integer"), ("num_images", 2.0, "a positive integer"),
+    ("images", [5], "one image file path"),
+]
+
+
+@pytest.mark.parametrize("field,value,expected", BAD_FIELDS)
+def test_every_batch_field_is_checked_before_the_model_loads(quick_model, source, tmp_path, capsys, no_model_load,
+                                                             field, value, expected):
+    requests = tmp_path / "requests.jsonl"  # a good request, a blank line, then the bad one on line 3
+    requests.write_text(json.dumps({"image": str(source), "instruction": "x", "out": str(tmp_path / "one.png")})
+                        + "\n\n" + json.dumps({"images": [str(source)], "instruction": "x",
+                                               "out": str(tmp_path / "two.png"), field: value}))
+    text = requests.read_text()
+    message = error_of(quick_model, capsys, "--batch", requests)
+    assert f'error: {requests}:3: "{field}" must be {expected}' in message, message
+    assert requests.read_text() == text and not (tmp_path / "one.png").exists()
+
+
+def test_a_batch_names_unknown_fields_and_flags_it_takes_defaults_from(quick_model, source, tmp_path, capsys,
+                                                                      no_model_load):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"image": str(source), "instruction": "x", "out": str(tmp_path / "o.png"),
+                                    "guidence": 3}))
+    message = error_of(quick_model, capsys, "--batch", requests)
+    assert f"{requests}:1: unknown fields ['guidence']; known:" in message and "guidance" in message
+    requests.write_text(json.dumps({"image": str(source), "instruction": "x", "out": str(tmp_path / "o.png")}))
+    message = error_of(quick_model, capsys, "--batch", requests, "--text-guidance", "nan")
+    assert f'{requests}:1: --text-guidance (no "text_guidance" in the line) must be a finite number' in message
+
+
+@pytest.mark.parametrize("flag,value", [("--guidance", "nan"), ("--text-guidance", "inf"),
+                                        ("--image-guidance", "-inf")])
+def test_non_finite_guidance_is_refused_before_the_model_loads(quick_model, source, tmp_path, capsys,
+                                                               no_model_load, flag, value):
+    message = error_of(quick_model, capsys, "--image", source, "--instruction", "x", "--out", tmp_path / "o.png",
+                       f"{flag}={value}")
+    assert f"{flag} must be a finite number" in message and f"got {float(value)!r}" in message
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc: a folder no file can be made in")
+@pytest.mark.parametrize("out", ["/proc/edit.png", "/proc/new-folder/edit.png"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(quick_model, source, capsys,
+                                                                           no_model_load, out):
+    message = error_of(quick_model, capsys, "--image", source, "--instruction", "x", "--out", out)
+    assert f"output {out}: /proc is not a writable directory" in message
+
+
+def test_a_failed_save_names_the_output_and_keeps_what_was_written(quick_model, source, tmp_path, capsys,
+                                                                  monkeypatch):
+    save = Image.Image.save
+
+    def disk_full_for_two(image, fp, *args, **kwargs):
+        if "two" in str(fp):  # half written, then the disk is full
+            Path(fp).write_bytes(b"\x89PNG")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_for_two)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps({"image": str(source), "instruction": "x", "out": str(tmp_path / name)})
+                                  for name in ("one.png", "two.png")))
+    message = error_of(quick_model, capsys, "--batch", requests)
+    assert f"request 2: output {tmp_path / 'two.png'}: cannot write it (No space left on device)" in message
+    assert (tmp_path / "one.png").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.png", "requests.jsonl", "src.png"]  # the first edit kept, no temporary file left

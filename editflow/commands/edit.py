@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise RequestError(f"request {i}: {err}" if args.batch else str(err)) from None
     except (EditflowError, FileNotFoundError) as err:
         report("edit", err, code=2)
-    for item in tqdm(prepared, desc="edit", unit="request", disable=len(prepared) == 1):
-        for path in edit.run(item, pipe, pipe.guidance):
-            print(path)
+    for i, item in enumerate(tqdm(prepared, desc="edit", unit="request", disable=len(prepared) == 1), start=1):
+        try:
+            for path in edit.run(item, pipe, pipe.guidance):
+                print(path)  # once saved: what a later failure leaves written is listed
+        except RequestError as err:  # an output that could be written up front and now cannot (disk full, ...)
+            report("edit", RequestError(f"request {i}: {err}") if args.batch else err, code=2)
