@@ -21,6 +21,7 @@ from editflow.data.samples import SampleError
 from editflow.data.shards import iter_tar, write_manifest, write_shard
 from editflow.data.sources import train_sets
 from editflow.data.stream import bucket_of, collate_images, decode_in_bucket
+from editflow.errors import ConfigError
 from editflow.frozen_encoders import FrozenEncoder, drop_inputs, states_field
 from editflow.models.build import build_frozen
 
@@ -106,16 +107,31 @@ def encoded_shard_name(index: int, url: str) -> str:
     return f"{index:06d}-{os.path.basename(url)}"
 
 
+def _check_claim(directory: Path, encoding: dict) -> None:
+    """A set directory belongs to one encoding: resuming with other settings would mix two in one set. Only the
+    keys of `encoding` are compared, so the settings can be checked before the models load."""
+    marker = directory / "encoding.json"
+    if not marker.exists():
+        return
+
+    def flat(e: dict) -> dict:  # the settings by their config key, then the stored drops and qwen_hidden_size
+        return {**e.get("settings", {}), **{"encode.drops" if k == "drops" else k: v for k, v in e.items()
+                                            if k != "settings"}}
+
+    stored, wanted = flat(json.loads(marker.read_text())), flat(encoding)
+    differ = [f"{k} (encoded with {stored.get(k)!r}, this run has {v!r})" for k, v in wanted.items()
+              if stored.get(k) != v]
+    if differ:
+        raise ConfigError(f"encode.out: {directory} holds shards encoded with other settings: {'; '.join(differ)}. "
+                          "Use another encode.out, or delete that directory to start over")
+
+
 def _claim_directory(directory: Path, encoding: dict) -> None:
-    """A set directory belongs to one encoding: resuming with other settings would mix two in one set."""
+    """Records `encoding` as the set directory's, or checks it against the one recorded there."""
+    _check_claim(directory, encoding)
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / "encoding.json"
-    if marker.exists():
-        existing = json.loads(marker.read_text())
-        if existing != encoding:
-            raise ValueError(f"{directory} holds shards encoded with {existing}, not {encoding}; use another "
-                             "encode.out or delete it")
-    else:
+    if not marker.exists():
         marker.write_text(json.dumps(encoding, indent=1, sort_keys=True))
 
 
@@ -124,14 +140,19 @@ def encode(cfg: DictConfig) -> Path:
     from accelerate import PartialState
 
     if not cfg.encode.out:
-        raise ValueError("encode.out is not set: give the output directory (e.g. encode.out=/data/encoded/run)")
+        raise ConfigError("encode.out is not set: give the output directory (e.g. encode.out=/data/encoded/run)")
     data = cfg.data.copy()
     data.pre_encoded = None  # encoding reads the source shards, whatever the run will train on
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(cfg.encode.out).expanduser()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"encode.out={out}: {existing} is a file; give a directory for the encoded shards")
     drops = drops_to_store(cfg)
     with state.main_process_first():  # the main process makes the toy set; bad data fails before the models load
         sets = train_sets(data, progress=state.is_main_process)
+    for shard_set in sets:  # a rerun with other settings, before the models load (qwen_hidden_size is checked after)
+        _check_claim(out / shard_set.name, {"settings": encoding_settings(cfg), "drops": drops})
     conditioner, codec = build_frozen(cfg.model)
     conditioner.to(state.device)
     codec.vae.to(state.device)

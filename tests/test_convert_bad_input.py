@@ -181,3 +181,58 @@ def test_kill_9_of_convert_leaves_no_worker_behind(tmp_path):
         for worker in workers:
             if worker.is_running():
                 worker.kill()
+
+
+def data_convert(capsys, *args) -> tuple[int, str, str]:
+    """`editflow data convert ARGS` in this process, tokens not counted: (exit code, stdout, stderr)."""
+    from editflow.commands.data import main
+
+    code = 0
+    try:
+        main(["convert", "--format", "jsonl", "--workers", "1", "--max-instruction-tokens", "0", *map(str, args)])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--workers", "0", "--workers must be at least 1, got 0"),
+    ("--workers", "-1", "--workers must be at least 1, got -1"),
+    ("--min-side", "-5", "--min-side must be at least 0 (pixels), got -5"),
+    ("--max-aspect-change", "-1", "--max-aspect-change must be at least 0 (0: the same shape), got -1.0"),
+])
+def test_convert_options_that_cannot_work_are_usage_errors(tmp_path, capsys, option, value, named):
+    images(tmp_path, "a.png", "b.png")
+    meta = lines(tmp_path / "m.jsonl", {"source": "a.png", "target": "b.png", "instruction": "x"})
+    code, _, err = data_convert(capsys, meta, "--out", tmp_path / "out", option, value)
+    assert code == 2 and f"editflow data convert: error: {named}" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_explicit_source_key_missing_from_a_record_is_a_reject_naming_it(tmp_path, capsys):
+    images(tmp_path, "a.png", "b.png")
+    meta = lines(tmp_path / "m.jsonl", {"source": "a.png", "target": "b.png", "instruction": "one"},
+                 {"source": "a.png", "target": "b.png", "instruction": "two"})
+    code, _, err = data_convert(capsys, meta, "--out", tmp_path / "out", "--source-key", "before")
+    assert code == 1 and "all 2 records were rejected (2 missing_field)" in err
+    assert f"{meta}:1: no field 'before' (--source-key); the record has 'source', 'target', 'instruction'" in err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 0  # no sample stored
+    # one record without the named key: rejected; the others are kept as edits
+    mixed = lines(tmp_path / "mixed.jsonl", {"before": "a.png", "target": "b.png", "instruction": "one"},
+                  {"target": "b.png", "instruction": "two"})
+    code, out, _ = data_convert(capsys, mixed, "--out", tmp_path / "mixed", "--source-key", "before")
+    assert code == 0 and "text-to-image (no source image): 0 of the 1 samples" in out
+    [bad] = rejects(tmp_path / "mixed")
+    assert bad["location"] == f"{mixed}:2" and bad["reason"] == "missing_field" and "'before'" in bad["detail"]
+
+
+def test_without_source_key_a_record_without_source_is_text_to_image_and_counted(tmp_path, capsys):
+    images(tmp_path, "a.png", "b.png")
+    meta = lines(tmp_path / "m.jsonl", {"source": "a.png", "target": "b.png", "instruction": "an edit"},
+                 {"target": "b.png", "instruction": "a picture"}, {"source": "", "target": "a.png", "instruction": "x"})
+    code, out, _ = data_convert(capsys, meta, "--out", tmp_path / "out")
+    assert code == 0 and "text-to-image (no source image): 2 of the 3 samples" in out
+    assert "0 records rejected" in out and json.loads((tmp_path / "out" / "manifest.json").read_text())[
+        "text_to_image"] == 2

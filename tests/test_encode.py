@@ -194,3 +194,46 @@ def test_two_processes_split_the_shards_and_write_the_same_data(encoded):
             assert x.tensors.keys() == y.tensors.keys()
             for k in x.tensors:
                 torch.testing.assert_close(x.tensors[k], y.tensors[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture()
+def encode_error(tmp_path, monkeypatch, capsys):
+    """Runs `editflow encode` in this process and returns its error message; loading a model fails the test."""
+    from editflow.commands.encode import main
+
+    monkeypatch.setenv("EDITFLOW_CACHE", str(tmp_path / "cache"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the models were loaded before the bad input was reported")
+
+    monkeypatch.setattr("editflow.encode_shards.build_frozen", refuse)
+
+    def run(*overrides: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main([*QUICK, *overrides])
+        message = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in message
+        return message
+
+    return run
+
+
+def test_encode_without_a_usable_out_is_one_paragraph(tmp_path, encode_error):
+    assert "editflow encode: error: encode.out is not set" in encode_error()
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert f"encode.out={out}: {tmp_path / 'file'} is a file" in encode_error(f"encode.out={out}")
+
+
+def test_encode_into_a_directory_of_another_encoding_names_the_differing_settings(tmp_path, encode_error):
+    from editflow.data.preencoded import encoding_settings
+
+    claimed = tmp_path / "enc" / "toy"
+    claimed.mkdir(parents=True)
+    marker = {"settings": encoding_settings(compose(QUICK)), "drops": [], "qwen_hidden_size": 64}
+    (claimed / "encoding.json").write_text(json.dumps(marker))
+    message = encode_error(f"encode.out={tmp_path / 'enc'}", "data.bucket_base=128")
+    assert f"{claimed} holds shards encoded with other settings: data.bucket_base (encoded with 64, this run " \
+           "has 128)." in message
+    assert "model.qwen" not in message  # only what differs
+    assert sorted(p.name for p in claimed.iterdir()) == ["encoding.json"]  # nothing written

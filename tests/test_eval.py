@@ -119,3 +119,41 @@ def test_eval_refuses_a_set_with_nothing_to_edit(tmp_path, capsys, stand_in_chec
     assert "--data: " in message and "lists 0 samples" in message
     assert "does not exist" in eval_error(capsys, "--model", stand_in_checkpoint, "--data", tmp_path / "nope",
                                           "--out", tmp_path / "m.json")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--steps", "-2"], "--steps must be at least 1, got -2"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    (["--grid", "GRID.bmpx"], "--grid GRID.bmpx: give an image file name ending in one of .png, .jpg"),
+    (["--grid", "GRID"], "--grid GRID: give an image file name ending in one of .png, .jpg"),
+    (["--judge", "qwen", "--judge-model", "/nonexist"], "--judge-model /nonexist does not exist"),
+])
+def test_eval_options_that_cannot_work_are_refused_before_the_model_loads(tmp_path, capsys, stand_in_checkpoint,
+                                                                         args, named):
+    from editflow.data.toy_shards import write_toy_shards
+
+    data = write_toy_shards(tmp_path / "val", num=2, progress=False)
+    args = [str(tmp_path / a) if a.startswith("GRID") else a for a in args]
+    message = eval_error(capsys, "--model", stand_in_checkpoint, "--data", data, "--out", tmp_path / "m.json", *args)
+    assert named.replace("GRID", str(tmp_path / "GRID")) in message and "Traceback" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "val"]  # nothing written
+
+
+def test_eval_grid_into_a_new_folder_and_a_judge_without_weights(quick_model, tmp_path, capsys):
+    from PIL import Image
+
+    from editflow.commands.eval import main
+
+    val = next((quick_model / "cache").glob("toy-val-*"))
+    common = ["--model", quick_model / "run", "--data", val, "--steps", "1", "--limit", "2"]
+    (tmp_path / "empty").mkdir()
+    message = eval_error(capsys, *common, "--out", tmp_path / "none.json", "--judge", "qwen", "--judge-model",
+                         tmp_path / "empty")
+    last = message.rstrip("\n").split("\n")[-1]  # after the editor's loading bar: one line
+    assert last.startswith(f"editflow eval: error: --judge-model {tmp_path / 'empty'}: cannot load the judge from "
+                           "this local directory") and "Traceback" not in message
+    assert not (tmp_path / "none.json").exists()
+    main([str(a) for a in [*common, "--out", tmp_path / "m.json", "--grid", tmp_path / "new" / "grid.jpg"]])
+    assert Image.open(tmp_path / "new" / "grid.jpg").format == "JPEG"

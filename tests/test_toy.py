@@ -71,3 +71,46 @@ def test_runs_started_together_on_one_cache_generate_the_toy_set_once(tmp_path):
     directory = Path(outputs[0][0].strip())
     assert read_manifest(directory)["num_samples"] == 300 and len(list(directory.glob("*.tar"))) == 60
     assert not list(directory.glob("*.tmp"))
+
+
+def data_toy(capsys, *args) -> tuple[int, str]:
+    """`editflow data toy ARGS` in this process: (exit code, stderr)."""
+    from editflow.commands.data import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["toy", *map(str, args)])
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    return info.value.code, message
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--size", "63"], "--size must be a multiple of 8 and at least 24, got 63"),
+    (["--size", "0"], "--size must be a multiple of 8 and at least 24, got 0"),
+    (["--samples-per-shard", "0"], "--samples-per-shard must be at least 1, got 0"),
+    (["--num", "-3"], "--num must be at least 1, got -3"),
+])
+def test_toy_options_that_cannot_work_are_usage_errors(tmp_path, capsys, args, named):
+    code, message = data_toy(capsys, "--out", tmp_path / "toy", "--num", 5, *args)
+    assert code == 2 and f"editflow data toy: error: {named}" in message
+    assert not (tmp_path / "toy").exists()  # nothing written
+
+
+def test_toy_out_that_is_a_file_or_holds_other_shards_is_refused(tmp_path, capsys):
+    from editflow.data.shards import write_manifest
+    from editflow.data.toy_shards import write_toy_shards
+
+    (tmp_path / "file").write_text("")
+    code, message = data_toy(capsys, "--out", tmp_path / "file", "--num", 5)
+    assert code == 2 and f"--out {tmp_path / 'file'} is a file" in message
+    converted = tmp_path / "converted"  # as `editflow data convert` leaves it
+    converted.mkdir()
+    write_manifest(converted, {"params": {"format": "jsonl"}, "shards": [{"file": "shard-000000.tar", "count": 3}]})
+    code, message = data_toy(capsys, "--out", converted, "--num", 5)
+    assert code == 1 and f"{converted} holds other shards (1 listed in its manifest.json, not toy edits)" in message
+    toy = write_toy_shards(tmp_path / "toy", 4, progress=False)
+    code, message = data_toy(capsys, "--out", toy, "--num", 6, "--seed", 3)
+    assert code == 1 and f"{toy} holds toy shards made with other settings: num 4 (asked for 6), seed 0 " \
+                         "(asked for 3);" in message
+    assert sorted(p.name for p in converted.iterdir()) == ["manifest.json"]  # nothing written
+    assert sorted(p.name for p in toy.iterdir()) == ["manifest.json", "toy-000000.tar"]

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     toy.add_argument("--out", required=True, help="output directory")
     toy.add_argument("--num", type=int, default=1000, help="number of samples")
     toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--size", type=int, default=64, help="image size in pixels (multiple of 8)")
+    toy.add_argument("--size", type=int, default=64, help="image size in pixels (a multiple of 8, at least 24)")
     toy.add_argument("--samples-per-shard", type=int, default=1000)
 
     conv = sub.add_parser("convert", help="convert a dataset into validated shards",
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("--memory-budget", default="2G",
                       help="archives: memory for images held until their record is complete; beyond it they "
                            "spill to OUT/.scratch (default 2G)")
-    for key in ("source", "target", "instruction", "id"):
+    conv.add_argument("--source-key", help="jsonl format: field holding the source image (default: source, and a "
+                                           "record without it is text-to-image; a key given here must be in every "
+                                           "record)")
+    for key in ("target", "instruction", "id"):
         conv.add_argument(f"--{key}-key", default=key, help=f"jsonl format: field holding the {key}")
     conv.add_argument("--dataset", help="jsonl format: dataset name stored in each sample")
 
@@ -48,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     ver.add_argument("directory")
 
     args = parser.parse_args(argv)
+    if problem := bad_option(args):  # before anything is read or written: a usage error (exit 2)
+        sub.choices[args.command].error(problem)
     from editflow.data.errors import DataError
+    from editflow.errors import EditflowError
 
     try:
         if args.command == "toy":
@@ -68,12 +74,31 @@ def main(argv: list[str] | None = None) -> None:
             if problems:
                 sys.exit(1)
             print(f"{args.directory}: all shards match the manifest")
-    except DataError as err:
+    except (DataError, EditflowError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def bad_option(args: argparse.Namespace) -> str | None:
+    """What is wrong with the first option value that cannot work, or None."""
+    at_least_1 = lambda value: value >= 1  # noqa: E731
+    if args.command == "toy":
+        rules = [("--num", args.num, at_least_1, "at least 1"),
+                 ("--size", args.size, lambda v: v >= 24 and v % 8 == 0, "a multiple of 8 and at least 24"),
+                 ("--samples-per-shard", args.samples_per_shard, at_least_1, "at least 1")]
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            return f"--out {args.out} is a file; give a folder for the shards"
+    elif args.command == "convert":
+        rules = [("--samples-per-shard", args.samples_per_shard, at_least_1, "at least 1"),
+                 ("--workers", args.workers, at_least_1, "at least 1"),
+                 ("--min-side", args.min_side, lambda v: v >= 0, "at least 0 (pixels)"),
+                 ("--max-aspect-change", args.max_aspect_change, lambda v: v >= 0, "at least 0 (0: the same shape)")]
+    else:
+        rules = []
+    return next((f"{name} must be {what}, got {value}" for name, value, ok, what in rules if not ok(value)), None)
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -100,12 +125,16 @@ def convert(args: argparse.Namespace) -> None:
     rules = Validation(args.min_side, args.max_aspect_change, args.max_instruction_chars, args.bucket_base)
     options = {"image_root": args.image_root}
     if args.format == "jsonl":
-        options.update(source_key=args.source_key, target_key=args.target_key,
+        options.update(source_key=args.source_key or "source", target_key=args.target_key,
                        instruction_key=args.instruction_key, id_key=args.id_key, dataset=args.dataset)
+        if args.source_key is not None:  # named on purpose: a record without it is a reject, not text-to-image
+            options["source_required"] = True
     manifest = convert_dataset(args.format, inputs, args.out, args.samples_per_shard, args.workers, rules,
                                memory_budget=parse_size(args.memory_budget), tokens=budget, **options)
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {args.out} (listed in "
           f"manifest.json; `editflow data verify {args.out}` checks them)")
+    # said every time: a --source-key that matches no record would otherwise pass silently as text-to-image
+    print(f"text-to-image (no source image): {manifest['text_to_image']} of the {manifest['num_samples']} samples")
     print(f"{manifest['num_rejected']} records rejected -> {os.path.join(args.out, 'rejects.jsonl')}")
     for reason, count in sorted(manifest["reject_reasons"].items(), key=lambda kv: -kv[1]):
         print(f"  {reason}: {count}")

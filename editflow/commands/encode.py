@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, training=False)  # encoding needs no stage-1 connector
         out = encode(cfg)
     except EditflowError as err:  # bad input or overrides: one paragraph, no traceback
-        report("encode", err)
+        report("encode", err, code=2)
     if PartialState().is_main_process:
         print(f"encoded -> {out}; train on it with data.pre_encoded={out}")
 

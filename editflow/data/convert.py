@@ -192,6 +192,7 @@ class ShardTally:
         self.rejects: list[dict] = []
         self.buckets: Counter = Counter()
         self.over_budget: list[tuple[str, int, int]] = []
+        self.text_to_image = 0  # samples without a source image
 
     def add(self, outcome: Outcome) -> dict | None:
         """The sample to write, if any."""
@@ -200,7 +201,9 @@ class ShardTally:
             return None
         if outcome.tokens is not None:
             self.over_budget.append(outcome.tokens)
-        self.buckets["x".join(map(str, json.loads(outcome.sample["json"])["bucket"]))] += 1
+        meta = json.loads(outcome.sample["json"])
+        self.buckets["x".join(map(str, meta["bucket"]))] += 1
+        self.text_to_image += meta["text_to_image"]
         return outcome.sample
 
     def entry(self, out: Path, index: int, shard: dict) -> dict:
@@ -213,7 +216,8 @@ class ShardTally:
         os.replace(tmp, parts / f"shard-{index:06d}.jsonl")
         return dict(shard, index=index, rejected=len(self.rejects), buckets=dict(self.buckets),
                     reject_reasons=dict(Counter(r["reason"] for r in self.rejects)),
-                    over_token_budget=len(self.over_budget), token_examples=self.over_budget[: self.EXAMPLES])
+                    over_token_budget=len(self.over_budget), token_examples=self.over_budget[: self.EXAMPLES],
+                    text_to_image=self.text_to_image)
 
 
 def convert_shard(job: tuple) -> dict:
@@ -501,6 +505,7 @@ def finalize(out: Path, params: dict, shards: dict[int, dict], stats: dict) -> d
                 "num_rejected": sum(reasons.values()), "reject_reasons": dict(reasons),
                 "buckets": dict(sorted(buckets.items())), "bucket_base": params["validation"]["bucket_base"],
                 "over_token_budget": sum(e.get("over_token_budget", 0) for e in ordered),
+                "text_to_image": sum(e.get("text_to_image", 0) for e in ordered),  # 0 for shards of older versions
                 "token_examples": examples, **stats}
     write_manifest(out, manifest)
     return manifest

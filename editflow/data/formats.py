@@ -179,10 +179,14 @@ def sharegpt4o_fields(raw: dict) -> Fields:
 
 
 def user_fields(source_key: str = "source", target_key: str = "target", instruction_key: str = "instruction",
-                id_key: str = "id") -> Callable[[dict], Fields]:
-    """Records with the user's own field names (`--source-key` ...); every other field is kept as metadata."""
+                id_key: str = "id", source_required: bool = False) -> Callable[[dict], Fields]:
+    """Records with the user's own field names (`--source-key` ...); every other field is kept as metadata. A
+    record without the source field is text-to-image, unless `source_required` (an explicit --source-key)."""
 
     def fields(raw: dict) -> Fields:
+        if source_required and source_key not in raw:  # a misspelt key would make every record text-to-image
+            raise Bad("missing_field", f"no field {source_key!r} (--source-key); the record has "
+                                       f"{', '.join(map(repr, raw)) or 'no fields'}")
         target, sources = _image_names(raw, (target_key,)), _image_names(raw, (source_key,))
         instruction = _text(raw, (instruction_key,))
         _require(**{f"{target_key!r} field": target, f"{instruction_key!r} field": instruction})
@@ -430,9 +434,10 @@ def find_sharegpt4o(items: list[Path], exclude: Path | None, image_root: Path | 
 
 
 def find_user_jsonl(items: list[Path], exclude: Path | None, image_root: Path | None = None,
-                    dataset: str | None = None, **keys) -> Inputs:
+                    dataset: str | None = None, source_required: bool = False, **keys) -> Inputs:
     """Your own records (--source-key ... name the fields); images relative to --image-root or the file."""
-    fields = user_fields(**{k: v for k, v in keys.items() if k.endswith("_key") and v})
+    fields = user_fields(**{k: v for k, v in keys.items() if k.endswith("_key") and v},
+                         source_required=source_required)
     paths, archive_paths = [], []
     for item in items:
         archives = _archive_files(item)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from editflow.data.shards import png_bytes, read_manifest, write_manifest, write_shard
 from editflow.data.toy import make_edit
+from editflow.errors import ConfigError
 
 
 def toy_sample(index: int, seed: int, size: int) -> dict:
@@ -34,11 +35,18 @@ def write_toy_shards(
 ) -> Path:
     """Write `num` toy edits to `out`; shards already listed in the manifest are kept, not rewritten."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
     params = {"generator": "toy", "num": num, "seed": seed, "size": size, "samples_per_shard": samples_per_shard}
-    if manifest.get("params", params) != params:
-        raise ValueError(f"{out} holds toy shards made with {manifest['params']}, not {params}; use another --out")
+    made = manifest.get("params")
+    # resuming is for the same toy set only: never mix two (a ConfigError is a ValueError, as before)
+    if made != params and (made or manifest["shards"]):
+        if not made or made.get("generator") != "toy":
+            raise ConfigError(f"{out} holds other shards ({len(manifest['shards'])} listed in its manifest.json, not "
+                              "toy edits); give a new or empty folder for the toy shards")
+        differ = ", ".join(f"{k} {made.get(k)} (asked for {v})" for k, v in params.items() if made.get(k) != v)
+        raise ConfigError(f"{out} holds toy shards made with other settings: {differ}; give another folder, or "
+                          "delete this one to start over")
+    out.mkdir(parents=True, exist_ok=True)
     done = {entry["file"]: entry for entry in manifest["shards"]}
     num_shards = (num + samples_per_shard - 1) // samples_per_shard
     shards = []
