@@ -99,7 +99,8 @@ class ShardEncoder:
     def __call__(self, url: str, path: Path) -> dict:
         rejected: Counter = Counter()
         entry = write_shard(path, self._encoded(url, rejected))
-        return {**entry, "source": url, "rejected": dict(rejected)}
+        # the absolute source path: training checks that data.train still names these shards
+        return {**entry, "source": os.path.realpath(url), "rejected": dict(rejected)}
 
 
 def encoded_shard_name(index: int, url: str) -> str:
