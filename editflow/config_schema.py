@@ -187,6 +187,8 @@ class ToyDataConfig(Checked):
         for key in ("num_train", "size", "samples_per_shard"):
             positive(getattr(self, key), f"data.toy.{key}")
         non_negative(self.num_val, "data.toy.num_val")
+        require(self.size >= 24 and self.size % 8 == 0, "data.toy.size",  # the toy generator's own limits
+                f"must be a multiple of 8 and at least 24, got {self.size}")
 
 
 def check_shard_spec(spec: Any, key: str) -> None:

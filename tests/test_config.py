@@ -98,6 +98,7 @@ def test_indivisible_global_batch_names_the_key():
     ("eval.guidance=[]", "eval.guidance"), ("eval.guidance=[3.5,high]", "eval.guidance"), ("encode.drops=[text,all]", "encode.drops"),
     ("model.text_pad_multiple=0", "model.text_pad_multiple"), ("model.attention_backend=fast", "model.attention_backend"),
     ("trainer.max_steps=0", "trainer.max_steps"), ("logging.wandb_mode=cloud", "logging.wandb_mode"),
+    ("data.toy.size=63", "data.toy.size"), ("data.toy.size=16", "data.toy.size"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": "):
