@@ -67,6 +67,20 @@ def test_bench_data_rejects_bad_sizes(tmp_path):
     assert result.returncode == 2 and "--side must be a multiple of 16" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "/nonexistent-editflow"], "--workdir /nonexistent-editflow is not a directory"),
+    (["--out", "FILE/x.json"], "FILE is not a writable directory")])
+def test_bench_data_refuses_outputs_it_could_not_write_before_timing(tmp_path, monkeypatch, capsys, args, message):
+    from editflow.commands.bench import bench_data_main
+
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr("editflow.bench_data.run", lambda *a: pytest.fail("the benchmark ran"))
+    args = [str(tmp_path / a) if a.startswith("FILE") else a for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        bench_data_main([*args, "--pairs", "2"])
+    assert exit_.value.code == 2 and message.replace("FILE", str(tmp_path / "FILE")) in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, override, key", [
     ("train", "model.trainable=bogus", "model.trainable"), ("train", "+trainer.max_step=5", "trainer.max_step"),
     ("data", "data.decode_threads=-1", "data.decode_threads")])

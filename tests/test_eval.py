@@ -157,3 +157,19 @@ def test_eval_grid_into_a_new_folder_and_a_judge_without_weights(quick_model, tm
     assert not (tmp_path / "none.json").exists()
     main([str(a) for a in [*common, "--out", tmp_path / "m.json", "--grid", tmp_path / "new" / "grid.jpg"]])
     assert Image.open(tmp_path / "new" / "grid.jpg").format == "JPEG"
+
+
+def test_eval_says_what_its_data_is_when_it_is_not_source_shards(tmp_path, capsys, stand_in_checkpoint):
+    from editflow.data.shards import write_manifest
+
+    encoded = tmp_path / "enc" / "train"  # as `editflow encode` leaves it
+    encoded.mkdir(parents=True)
+    (encoded / "000000-shard.tar").write_bytes(b"")
+    write_manifest(encoded, {"encoding": {"settings": {}, "drops": []}, "num_samples": 1,
+                             "shards": [{"file": "000000-shard.tar", "count": 1}]})
+    message = eval_error(capsys, "--model", stand_in_checkpoint, "--data", encoded, "--out", tmp_path / "m.json")
+    assert f"--data {encoded} holds pre-encoded shards" in message
+    metadata = tmp_path / "edits.jsonl"
+    metadata.write_text('{"source": "a.png", "target": "b.png", "instruction": "x"}\n')
+    message = eval_error(capsys, "--model", stand_in_checkpoint, "--data", metadata, "--out", tmp_path / "m.json")
+    assert f"{metadata} is not a tar shard" in message and not (tmp_path / "m.json").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from editflow import bench, bench_data
 from editflow.config import parse_with_overrides
-from editflow.errors import ConfigError, report
+from editflow.errors import ConfigError, EditflowError, report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,12 +41,26 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_with_overrides(parser, argv)
     if args.resolution % 16:
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    check_outputs("train", args.out)
     try:
         result = bench.run(args, overrides)
     except ConfigError as err:  # a bad override: one paragraph, before anything is built
         report("bench train", err, code=2)
     out = write_result(result, Path(args.out) if args.out else bench.default_out(result))
     print(f"[bench] wrote {out}", file=sys.stderr)
+
+
+def check_outputs(command: str, out: str | None, workdir: str | None = None) -> None:
+    """--out and --workdir that cannot take the results fail now, not after the whole benchmark."""
+    from editflow.edit import check_writable
+
+    try:
+        if out:
+            check_writable(Path(out))
+        if workdir and not Path(workdir).is_dir():
+            raise EditflowError(f"--workdir {workdir} is not a directory; give an existing one for the temporary data")
+    except EditflowError as err:
+        report(f"bench {command}", err, code=2)
 
 
 def write_result(result: dict, out: Path) -> Path:
@@ -88,6 +102,7 @@ def bench_data_main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.side % 16:
         parser.error(f"--side must be a multiple of 16, got {args.side}")
+    check_outputs("data", args.out, args.workdir)
     try:
         result = bench_data.run(args, overrides)
     except ConfigError as err:  # a bad override: one paragraph, before anything is written

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from editflow.data.shards import read_samples
-from editflow.data.sources import resolve_urls
+from editflow.data.sources import recorded_encoding, resolve_urls
 from editflow.edit import OUTPUT_FORMATS, check_writable
 from editflow.errors import EditflowError, report
 from editflow.evaluation import evaluate_guidances, grid_picks, make_edit_fn, sample_grid
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.judge != "none":
             check_judge_path(args.judge_model)
         config, model = read_model_config(args.model)
+        if recorded_encoding(args.data):
+            raise EditflowError(f"--data {' '.join(map(str, args.data))} holds pre-encoded shards (`editflow encode`'s latents, not "
+                                "images); evaluation edits images: give the shard directory it was encoded from")
         samples = read_samples(resolve_urls(args.data, "--data"), args.limit)
         if not any(s.source is not None for s in samples):
             raise EditflowError(f"--data {' '.join(args.data)}: none of its {len(samples)} samples has a source "

@@ -168,6 +168,9 @@ def read_samples(urls: list[str], limit: int | None = None) -> list[EditSample]:
                     return samples
                 samples.append(decode_sample(raw))
         except SHARD_ERRORS as err:
+            if len(samples) == done and os.path.isfile(url) and not tarfile.is_tarfile(url):
+                raise DataError(f"{url} is not a tar shard; give a shard directory from `editflow data convert` "
+                                "(or `editflow data toy`), not the metadata or images it was made from") from None
             raise DataError(f"shard {url} cannot be read to the end (after {len(samples) - done} samples: "
                             f"{type(err).__name__}: {err}); it is truncated or corrupt: copy it again (`editflow "
                             "data verify DIR` checks a shard directory against its manifest)") from None
