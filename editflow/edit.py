@@ -64,8 +64,9 @@ def open_image(path: str, what: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are judged by the caller
             image = Image.open(path)
             image.load()
-    except FileNotFoundError:
-        raise RequestError(f"{what} not found: {path}") from None
+    except FileNotFoundError:  # a batch file's relative paths too: they are read from where edit runs
+        where = "" if os.path.isabs(path) else f" (relative paths are read from the current directory, {os.getcwd()})"
+        raise RequestError(f"{what} not found: {path}{where}") from None
     except IsADirectoryError:
         raise RequestError(f"{what} {path} is a directory, not an image") from None
     except UnidentifiedImageError:

@@ -108,10 +108,15 @@ def test_batch_mode(quick_model, source, tmp_path, capsys):
     assert (tmp_path / "one.png").exists() and (tmp_path / "two-1.png").exists() and (tmp_path / "two-2.png").exists()
 
 
-def test_bad_inputs_fail_before_sampling_with_a_clear_message(quick_model, source, tmp_path, capsys):
+def test_bad_inputs_fail_before_sampling_with_a_clear_message(quick_model, source, tmp_path, capsys, monkeypatch):
     out = tmp_path / "o.png"
     message = error_of(quick_model, capsys, "--image", tmp_path / "missing.png", "--instruction", "x", "--out", out)
     assert "source image not found" in message and "missing.png" in message
+    assert "relative paths" not in message  # an absolute path needs no note
+    monkeypatch.chdir(tmp_path)
+    message = error_of(quick_model, capsys, "--image", "gone.png", "--instruction", "x", "--out", out)
+    assert f"source image not found: gone.png (relative paths are read from the current directory, {tmp_path})" \
+        in message
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert "unsupported or unreadable" in error_of(quick_model, capsys, "--image", text, "--instruction", "x",
