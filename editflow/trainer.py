@@ -65,6 +65,16 @@ class Progress:
         self.flops_per_step = state.get("flops_per_step")
 
 
+def warn_if_slow_on_cpu(bucket_base: int, downsample: int, limit: int = 1024) -> None:
+    """Say so up front when the images make CPU steps take minutes (e.g. data=shards' 1024-px buckets with the
+    tiny model): otherwise the run sits at step 0 and a signal waits for the step to finish."""
+    tokens = (bucket_base // (2 * downsample)) ** 2  # packed 2x2 latent patches per image
+    if tokens > limit:
+        log.warning("data.bucket_base=%d: %d image tokens per image (and as many for the source) on the CPU, where "
+                    "one step may take minutes; the CPU default trains at 64 px (data.bucket_base=64)",
+                    bucket_base, tokens)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -149,6 +159,8 @@ class Trainer:
             models = build_models(cfg.model, seed=cfg.trainer.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
+        if acc.device.type == "cpu":
+            warn_if_slow_on_cpu(cfg.data.bucket_base, self.codec.downsample)
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=cfg.trainer.cache_encodings,
                                      text_pad_multiple=models.editor.text_pad_multiple,
                                      skips=SkipCounter(cfg.data.max_skip_rate, what="samples encoded by this process"))

@@ -104,6 +104,15 @@ def test_pre_encoded_shards_of_other_source_shards_are_refused(tmp_path, cache_d
         trainer(tmp_path, *SHARDS, f"data.train={now}", f"data.pre_encoded={tmp_path / 'enc'}")
 
 
+def test_images_that_make_cpu_steps_take_minutes_are_announced(tmp_path, cache_dir, caplog):
+    data = shard_dir(tmp_path / "data", toy(2))
+    for base, warned in ((64, False), (1024, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            trainer(tmp_path, *SHARDS, f"data.train={data}", f"data.bucket_base={base}", run=f"run{base}")
+        assert ("data.bucket_base=1024: 16384 image tokens per image" in caplog.text) == warned
+
+
 # ---------------------------------------------------------------- resume, before the models
 
 
