@@ -159,7 +159,7 @@ class Trainer:
             models = build_models(cfg.model, seed=cfg.trainer.seed, training=True, qwen_dim=qwen_dim).to(acc.device)
         check_attention_backend(models.editor, acc.device, models.editor.transformer.dtype)
         self.conditioner, self.codec, self.scheduler = models.conditioner, models.codec, models.scheduler
-        if acc.device.type == "cpu":
+        if acc.device.type == "cpu" and self.codec is not None:  # pre-encoded data loads no VAE for training
             warn_if_slow_on_cpu(cfg.data.bucket_base, self.codec.downsample)
         self.encoder = FrozenEncoder(self.codec, self.conditioner, cache=cfg.trainer.cache_encodings,
                                      text_pad_multiple=models.editor.text_pad_multiple,
