@@ -225,7 +225,7 @@ def _ema_decay(checkpoint) -> float | None:
     """The trainer.ema_decay a checkpoint's run trained with (None when it kept no average or is unreadable)."""
     try:
         return load_config(checkpoint).trainer.get("ema_decay")
-    except (OSError, ValueError, KeyError, ConfigError):
+    except (OSError, ValueError, KeyError):  # a ConfigError is a ValueError
         return None
 
 

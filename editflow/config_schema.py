@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 from omegaconf import MISSING
 
+from editflow.data import toy
 from editflow.errors import ConfigError
 from editflow.flow import LOSS_WEIGHTING, REGION_WEIGHTING, SIGMA_SAMPLING
 from editflow.models.attention import ALIASES, PLANS
@@ -187,8 +188,7 @@ class ToyDataConfig(Checked):
         for key in ("num_train", "size", "samples_per_shard"):
             positive(getattr(self, key), f"data.toy.{key}")
         non_negative(self.num_val, "data.toy.num_val")
-        require(self.size >= 24 and self.size % 8 == 0, "data.toy.size",  # the toy generator's own limits
-                f"must be a multiple of 8 and at least 24, got {self.size}")
+        require(toy.valid_size(self.size), "data.toy.size", f"must be {toy.SIZE_RULE}, got {self.size}")
 
 
 def check_shard_spec(spec: Any, key: str) -> None:

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from editflow.data.toy import SIZE_RULE, valid_size
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="editflow data", description="Make and check WebDataset shards.")
@@ -87,7 +89,7 @@ def bad_option(args: argparse.Namespace) -> str | None:
     at_least_1 = lambda value: value >= 1  # noqa: E731
     if args.command == "toy":
         rules = [("--num", args.num, at_least_1, "at least 1"),
-                 ("--size", args.size, lambda v: v >= 24 and v % 8 == 0, "a multiple of 8 and at least 24"),
+                 ("--size", args.size, valid_size, SIZE_RULE),
                  ("--samples-per-shard", args.samples_per_shard, at_least_1, "at least 1")]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             return f"--out {args.out} is a file; give a folder for the shards"

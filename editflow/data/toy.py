@@ -296,10 +296,17 @@ def _edit(scene: Scene, kind: str, rng: random.Random) -> tuple[Scene, str, dict
     return Scene(scene.background, tuple(shapes)), text, details
 
 
+SIZE_RULE = "a multiple of 8 and at least 24"  # the sizes the toy renders (the config and the CLI check it too)
+
+
+def valid_size(size: int) -> bool:
+    return size >= 24 and size % 8 == 0
+
+
 def make_edit(index: int, seed: int = 0, size: int = 64, kinds: tuple[str, ...] = EDIT_KINDS) -> ToyEdit:
     """Sample number `index` of the toy stream for `seed`: independent of every other index."""
-    if size < 24 or size % 8:
-        raise ValueError(f"toy image size must be a multiple of 8 and at least 24, got {size}")
+    if not valid_size(size):
+        raise ValueError(f"toy image size must be {SIZE_RULE}, got {size}")
     rng = random.Random(f"editflow-toy:{seed}:{index}")
     source_scene = _random_scene(rng)
     kind = kinds[index % len(kinds)]  # balanced kinds, in a fixed cycle
