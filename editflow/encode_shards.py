@@ -18,7 +18,7 @@ from tqdm import tqdm
 from editflow.data.preencoded import drawn_drops, encoded_sample, encoding_settings
 from editflow.data.regions import latent_region
 from editflow.data.samples import SampleError
-from editflow.data.shards import iter_tar, write_manifest, write_shard
+from editflow.data.shards import iter_tar, listed_sha256, write_manifest, write_shard
 from editflow.data.sources import train_sets
 from editflow.data.stream import bucket_of, collate_images, decode_in_bucket
 from editflow.errors import ConfigError
@@ -99,8 +99,10 @@ class ShardEncoder:
     def __call__(self, url: str, path: Path) -> dict:
         rejected: Counter = Counter()
         entry = write_shard(path, self._encoded(url, rejected))
-        # the absolute source path: training checks that data.train still names these shards
-        return {**entry, "source": os.path.realpath(url), "rejected": dict(rejected)}
+        # training checks that data.train still names these shards: by path, or by sha256 where the same
+        # shards are mounted elsewhere
+        return {**entry, "source": os.path.realpath(url), "source_sha256": listed_sha256(url),
+                "rejected": dict(rejected)}
 
 
 def encoded_shard_name(index: int, url: str) -> str:

@@ -157,6 +157,8 @@ def test_encode_resumes_keeps_finished_shards_and_rejects_bad_samples(tmp_path):
     assert manifest["num_samples"] == 4 and manifest["rejected"] == {"undecodable_image": 1, "unencodable": 1}
     assert [e["count"] for e in manifest["shards"]] == [2, 2]
     assert [e["source"] for e in manifest["shards"]] == [str((src / f"toy-00000{i}.tar").resolve()) for i in (0, 1)]
+    listed = json.loads((src / "manifest.json").read_text())["shards"]  # what finds them on another mount
+    assert [e["source_sha256"] for e in manifest["shards"]] == [listed[i]["sha256"] for i in (0, 1)]
     kept = out / manifest["shards"][1]["file"]
     stamp = kept.stat().st_mtime_ns
     redo = out / manifest["shards"][0]["file"]

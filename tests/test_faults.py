@@ -4,6 +4,8 @@ checked up front, skips that are counted, and nothing already written lost (issu
 import errno
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from editflow import checkpoint as ckpt
 from editflow.config import compose, validate
-from editflow.data.shards import write_manifest, write_shard
+from editflow.data.shards import read_manifest, write_manifest, write_shard
 from editflow.data.toy_shards import toy_sample
 from editflow.errors import CheckpointError, ConfigError, DataError
 
@@ -91,17 +93,40 @@ def test_an_unwritable_run_directory_fails_before_the_models_load(tmp_path, cach
         trainer(tmp_path, run="file/run")
 
 
+def _encoding_of(tmp_path, source: Path) -> Path:
+    """A pre-encoded set as `editflow encode` records it: each source shard's path and listed sha256."""
+    enc = tmp_path / "enc" / "train"
+    enc.mkdir(parents=True)
+    (enc / "000000-shard-000000.tar").write_bytes(b"")
+    sha = read_manifest(source)["shards"][0]["sha256"]
+    write_manifest(enc, {"encoding": {"settings": {}, "drops": []}, "num_samples": 2, "shards": [
+        {"file": "000000-shard-000000.tar", "count": 2, "source": str(source / "shard-000000.tar"),
+         "source_sha256": sha}]})
+    return enc.parent
+
+
 def test_pre_encoded_shards_of_other_source_shards_are_refused(tmp_path, cache_dir, no_models):
     """`editflow encode` records the source shards; a data.train that names others is refused, not trained on
     the old encoding without a word."""
     encoded_from, now = shard_dir(tmp_path / "first", toy(2)), shard_dir(tmp_path / "second", toy(2, seed=1))
-    enc = tmp_path / "enc" / "train"
-    enc.mkdir(parents=True)
-    (enc / "000000-shard-000000.tar").write_bytes(b"")
-    write_manifest(enc, {"encoding": {"settings": {}, "drops": []}, "num_samples": 2, "shards": [
-        {"file": "000000-shard-000000.tar", "count": 2, "source": str(encoded_from / "shard-000000.tar")}]})
+    enc = _encoding_of(tmp_path, encoded_from)
     with pytest.raises(ConfigError, match=rf"set 'train' was encoded from {encoded_from}, but data\.train is {now}"):
-        trainer(tmp_path, *SHARDS, f"data.train={now}", f"data.pre_encoded={tmp_path / 'enc'}")
+        trainer(tmp_path, *SHARDS, f"data.train={now}", f"data.pre_encoded={enc}")
+
+
+def test_pre_encoded_shards_follow_their_sources_to_another_mount(tmp_path, cache_dir, no_models):
+    """The same shards under another path (another node's mount, a copy) match by their manifest's sha256."""
+    encoded_from = shard_dir(tmp_path / "first", toy(2))
+    enc = _encoding_of(tmp_path, encoded_from)
+    moved = tmp_path / "elsewhere" / "shards"
+    shutil.copytree(encoded_from, moved)  # the original stays: not "sources gone, taken on trust"
+    # past the source check, the next one (the hand-written encoding has no settings) is what speaks
+    with pytest.raises(ConfigError, match="was encoded with other settings"):
+        trainer(tmp_path, *SHARDS, f"data.train={moved}", f"data.pre_encoded={enc}")
+    (moved / "shard-000000.tar").write_bytes((moved / "shard-000000.tar").read_bytes() + bytes(512))
+    write_manifest(moved, {**read_manifest(moved), "shards": [{**read_manifest(moved)["shards"][0], "sha256": "0" * 64}]})
+    with pytest.raises(ConfigError, match=rf"was encoded from {encoded_from}, but data\.train is {moved}"):
+        trainer(tmp_path, *SHARDS, f"data.train={moved}", f"data.pre_encoded={enc}")
 
 
 def test_images_that_make_cpu_steps_take_minutes_are_announced(tmp_path, cache_dir, caplog):

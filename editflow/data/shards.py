@@ -105,6 +105,16 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def listed_sha256(url: str) -> str | None:
+    """A shard's sha256 as its directory's manifest lists it (convert and encode write one), or None: what
+    identifies the shard wherever it is mounted, with no hashing here (shards can be gigabytes)."""
+    if not os.path.isfile(url):
+        return None
+    name = os.path.basename(url)
+    listed = {e.get("file"): e.get("sha256") for e in read_manifest(os.path.dirname(url)).get("shards", [])}
+    return listed.get(name)
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Replace the manifest atomically: readers see the old or the new one, never a mix."""
     path = Path(directory) / MANIFEST

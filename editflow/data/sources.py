@@ -9,7 +9,7 @@ from braceexpand import braceexpand
 from filelock import FileLock
 from omegaconf import DictConfig
 
-from editflow.data.shards import MANIFEST, read_manifest
+from editflow.data.shards import MANIFEST, listed_sha256, read_manifest
 from editflow.data.stream import ShardSet
 from editflow.data.toy_shards import write_toy_shards
 from editflow.errors import ConfigError, DataError
@@ -147,24 +147,30 @@ def mixture(named: list[tuple[str, float | None]], sizes: list[int | None]) -> l
 
 def _check_encoded_from(cfg: DictConfig, name: str, root: Path, manifest: dict) -> None:
     """Pre-encoded shards stand in for data.train: refuse shards encoded from other source shards than the
-    ones data.train names. Checked where both are known: the source shards still exist and the encoding
-    recorded their absolute paths (encodings from before it did are taken on trust)."""
+    ones data.train names. The same shards mounted elsewhere pass: they match by their absolute paths, or
+    by the sha256s their manifests list (convert writes them). Checked where both are known: the source
+    shards still exist and the encoding recorded them (encodings from before it did are taken on trust)."""
     if cfg.kind == "toy" or cfg.train is None:
         return
     key = "data.train" if not isinstance(cfg.train, DictConfig) else f"data.train.{name}.path"
     spec = cfg.train if key == "data.train" else cfg.train[name].path
-    recorded = [entry.get("source", "") for entry in manifest.get("shards", [])]
-    if not recorded or not all(os.path.isabs(u) for u in recorded):
+    recorded = manifest.get("shards", [])
+    if not recorded or not all(os.path.isabs(entry.get("source", "")) for entry in recorded):
         return
     try:
         wanted = resolve_urls(spec, key)
     except ConfigError:  # the source shards are gone: the encoding is all there is
         return
-    if sorted(map(os.path.realpath, wanted)) != sorted(map(os.path.realpath, recorded)):
-        dirs = lambda urls: ", ".join(sorted({os.path.dirname(os.path.realpath(u)) for u in urls}))
-        raise ConfigError(f"data.pre_encoded={root}: set {name!r} was encoded from {dirs(recorded)}, but {key} "
-                          f"is {dirs(wanted)}; re-run `editflow encode` for this {key}, or point {key} at "
-                          "the shards it was encoded from")
+    if sorted(map(os.path.realpath, wanted)) == sorted(entry["source"] for entry in recorded):
+        return
+    found, encoded = [listed_sha256(url) for url in wanted], [entry.get("source_sha256") for entry in recorded]
+    if None not in found and None not in encoded and sorted(found) == sorted(encoded):
+        return
+    dirs = lambda urls: ", ".join(sorted({os.path.dirname(os.path.realpath(u)) for u in urls}))
+    raise ConfigError(f"data.pre_encoded={root}: set {name!r} was encoded from "
+                      f"{dirs(entry['source'] for entry in recorded)}, but {key} is {dirs(wanted)} (other shards, "
+                      f"or copies whose manifest.json sha256s do not match); re-run `editflow encode` for this "
+                      f"{key}, or point {key} at the shards it was encoded from")
 
 
 def encoded_sets(cfg: DictConfig) -> list[ShardSet]:
