@@ -122,8 +122,11 @@ def test_messy_image_references_are_rejected_naming_the_file(tmp_path):
     (pics / "folder.png").mkdir()
     (pics / "empty.png").write_bytes(b"")
     (pics / "text.png").write_text("not an image")
+    (pics / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 1234\n")
+    (pics / "page.png").write_text("<!DOCTYPE html><html><body>Too many requests</body></html>")
     records = [("link.png", "ok"), (str(pics / "b.png"), "absolute path"), ("dangling.png", "link to"),
-               ("folder.png", "is a folder"), ("empty.png", "empty (0 bytes)"), ("text.png", "cannot identify"),
+               ("folder.png", "is a folder"), ("empty.png", "empty (0 bytes)"), ("text.png", "not an image file PIL can read (12 bytes, starting b'not an image')"),
+               ("lfs.png", "Git LFS pointer, not the image: fetch the LFS objects"), ("page.png", "an HTML page"),
                ("missing.png", "not found")]
     meta = lines(tmp_path / "m.jsonl", *[{"source": "a.png", "target": t, "instruction": i} for t, i in records],
                  {"source": "a.png", "target": ["b.png", "a.png"], "instruction": "two targets"},
@@ -136,11 +139,11 @@ def test_messy_image_references_are_rejected_naming_the_file(tmp_path):
     for number, (target, words) in enumerate(records[2:], start=3):
         assert words in got[str(number)]["detail"] and target in got[str(number)]["detail"], got[str(number)]
         assert got[str(number)]["images"][1].endswith(target)
-    assert got["8"]["reason"] == "bad_field"  # two targets: the user's jsonl takes one
-    assert got["9"]["reason"] == "bad_field" and "field 'instruction' is a JSON list" in got["9"]["detail"]
-    assert got["10"]["reason"] == "bad_field" and "field 'target'" in got["10"]["detail"]
-    assert got["11"]["reason"] == "missing_field" and "'target'" in got["11"]["detail"]
-    assert got["12"]["reason"] == "bad_json" and "record is a JSON list" in got["12"]["detail"]
+    assert got["10"]["reason"] == "bad_field"  # two targets: the user's jsonl takes one
+    assert got["11"]["reason"] == "bad_field" and "field 'instruction' is a JSON list" in got["11"]["detail"]
+    assert got["12"]["reason"] == "bad_field" and "field 'target'" in got["12"]["detail"]
+    assert got["13"]["reason"] == "missing_field" and "'target'" in got["13"]["detail"]
+    assert got["14"]["reason"] == "bad_json" and "record is a JSON list" in got["14"]["detail"]
 
 
 def test_inputs_with_nothing_to_convert_are_named(tmp_path):

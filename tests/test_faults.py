@@ -124,7 +124,8 @@ def test_pre_encoded_shards_follow_their_sources_to_another_mount(tmp_path, cach
     with pytest.raises(ConfigError, match="was encoded with other settings"):
         trainer(tmp_path, *SHARDS, f"data.train={moved}", f"data.pre_encoded={enc}")
     (moved / "shard-000000.tar").write_bytes((moved / "shard-000000.tar").read_bytes() + bytes(512))
-    write_manifest(moved, {**read_manifest(moved), "shards": [{**read_manifest(moved)["shards"][0], "sha256": "0" * 64}]})
+    listed = read_manifest(moved)
+    write_manifest(moved, {**listed, "shards": [{**listed["shards"][0], "sha256": "0" * 64}]})
     with pytest.raises(ConfigError, match=rf"was encoded from {encoded_from}, but data\.train is {moved}"):
         trainer(tmp_path, *SHARDS, f"data.train={moved}", f"data.pre_encoded={enc}")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from editflow.data.batches import ImageBatch
+from editflow.data.samples import SampleError, decode_sample
 from editflow.data.shards import shard_urls, write_shard
 from editflow.data.stream import BucketStream, ResumableLoader, ShardSet
 from editflow.data.threads import ordered_map
@@ -104,6 +105,16 @@ def test_weighted_mixing_follows_the_weights(tmp_path):
     keys = keys_of(loader, 25)
     share_a = sum(k.startswith("toy0000") for k in keys) / len(keys)
     assert 0.65 < share_a < 0.85
+
+
+def test_an_image_field_that_is_not_an_image_says_what_it_is():
+    raw = {**toy_sample(0, seed=0, size=64), "__url__": "s.tar", "__key__": "k0"}
+    raw["src.png"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 1234\n"
+    with pytest.raises(SampleError, match=r"shard s\.tar, key k0, field src\.png: not an image file: a Git LFS pointer"):
+        decode_sample(raw)
+    raw["src.png"] = b"\x00\x01garbage"
+    with pytest.raises(SampleError, match=r"field src\.png: not an image file PIL can read \(9 bytes, starting"):
+        decode_sample(raw)
 
 
 @THREADS

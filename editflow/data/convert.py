@@ -35,14 +35,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from editflow.data.archives import Assembly, Timeline, completion_order, index_archives, peak_hold
 from editflow.data.buckets import nearest_bucket
 from editflow.data.errors import DataError
 from editflow.data.formats import BadRecord, Inputs, Record, find_inputs, read_checksums, read_records
-from editflow.data.images import to_rgb
+from editflow.data.images import not_an_image, to_rgb
 from editflow.data.keys import KeyRegistry
 from editflow.data.metadata import iter_records
 from editflow.data.shards import ShardWriter, read_manifest, sha256_file, write_manifest, write_shard
@@ -106,6 +106,8 @@ def load_image(ref: str, role: str, blobs: dict[str, bytes], checksums: dict[str
         image.load()  # decode fully: truncated files fail here
     except Image.DecompressionBombError as err:
         raise Reject("too_large", f"{role} image {ref}: {err}") from None
+    except UnidentifiedImageError:
+        raise Reject("undecodable_image", f"{role} image {ref}: {not_an_image(data)}") from None
     except Exception as err:
         raise Reject("undecodable_image", f"{role} image {ref}: {err}") from None
     if min(image.size) < rules.min_side:

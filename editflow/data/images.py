@@ -14,6 +14,28 @@ SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+# What non-image bytes under an image name usually are, by how they start.
+_LOOKALIKES = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the image: fetch the LFS objects (`git lfs pull`, or "
+                                 "download the dataset with `hf download`)"),
+    (b"<!doctype html", "an HTML page (a failed or redirected download?)"),
+    (b"<html", "an HTML page (a failed or redirected download?)"),
+    (b"{", "JSON text"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+)
+
+
+def not_an_image(data: bytes) -> str:
+    """Why PIL cannot identify `data`: what it looks like instead, and its first bytes (PIL's own message
+    names only an in-memory buffer, `<_io.BytesIO object at 0x...>`)."""
+    head = data[:32]
+    for prefix, what in _LOOKALIKES:
+        if head.lstrip().lower().startswith(prefix.lower()):
+            return f"not an image file: {what}"
+    return f"not an image file PIL can read ({len(data)} bytes, starting {head[:16]!r})"
+
+
 def _gray_to_rgb(array: np.ndarray, peak: float) -> Image.Image:
     return Image.fromarray(np.clip(array / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
 

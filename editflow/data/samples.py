@@ -6,9 +6,9 @@ import dataclasses
 import io
 import json
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from editflow.data.images import to_gray, to_rgb
+from editflow.data.images import not_an_image, to_gray, to_rgb
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -44,6 +44,9 @@ def _image(raw: dict, role: str, required: bool = True, draft: tuple[int, int] |
                 if draft:  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while both sides still cover `draft`
                     image.draft(image.mode, draft)
                 image.load()
+            except UnidentifiedImageError as err:
+                why = not_an_image(data)
+                raise SampleError("undecodable_image", f"{_where(raw)}, field {role}.{ext}: {why}") from err
             except Exception as err:
                 raise SampleError("undecodable_image", f"{_where(raw)}, field {role}.{ext}: cannot decode ({err})") from err
             return to_rgb(image) if role != "mask" else to_gray(image)
