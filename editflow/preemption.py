@@ -4,10 +4,12 @@ the PREEMPTED marker that makes the template requeue, and the ranks' vote on whe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ class Preemption:
     def __init__(self, accelerator: Accelerator, run_dir: Path, stop_after: int | None = None):
         self.accelerator, self.run_dir, self.stop_after = accelerator, run_dir, stop_after
         self.requested = False  # a signal reached this process
+        self.signals: list[str] = []  # the names of those signals, in order
         self.preempted = False  # the run stopped early, with a checkpoint
         self._vote: torch.Tensor | None = None  # the ranks' previous stop vote (see should_stop)
         for sig in (signal.SIGUSR1, signal.SIGTERM):  # SLURM's warning before the time limit, preemption
@@ -28,8 +31,34 @@ class Preemption:
         self._register_process()
 
     def _request(self, signum, frame) -> None:
-        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        """A first signal stops at the next step boundary, with a checkpoint. The same SIGTERM or SIGINT again
+        stops now, without one (a person insisting; SLURM sends its warning as USR1, then TERM once)."""
+        name = signal.Signals(signum).name
+        if name in self.signals and signum != signal.SIGUSR1:
+            raise KeyboardInterrupt(f"a second {name}: stopped in the middle of a step, without a checkpoint")
+        self.signals.append(name)
+        again = "" if signum == signal.SIGUSR1 else f" ({'Ctrl-C' if signum == signal.SIGINT else name} again: stop " \
+                                                    "now, without one)"
+        log.warning("received %s: checkpointing at the next step boundary%s", name, again)
         self.requested = True
+
+    @property
+    def interrupted(self) -> bool:
+        """The run was stopped by Ctrl-C (not by SLURM or the cluster: no requeue)."""
+        return "SIGINT" in self.signals
+
+    @contextlib.contextmanager
+    def graceful_ctrl_c(self):
+        """Within the training loop a first Ctrl-C stops like SIGTERM, with a checkpoint at the next step
+        boundary; a second stops at once. Elsewhere (model loading, evaluation) Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _register_process(self) -> None:
         """Pid file per host and rank (the SLURM template signals exactly these); clear a PREEMPTED marker."""
@@ -58,8 +87,9 @@ class Preemption:
         return previous is not None and bool(previous)
 
     def mark(self, step: int) -> None:
-        """The run stopped early at `step`: PREEMPTED tells the SLURM template to requeue the job."""
+        """The run stopped early at `step`: PREEMPTED tells the SLURM template to requeue the job (not after a
+        Ctrl-C: a person stopped it)."""
         self.preempted = True
         log.warning("stopped at step %d with a checkpoint; resume with trainer.resume=auto", step)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and not self.interrupted:
             (self.run_dir / MARKER).write_text(str(step))

@@ -139,6 +139,10 @@ class Trainer:
     def preempted(self) -> bool:
         return self.preemption.preempted
 
+    @property
+    def interrupted(self) -> bool:
+        return self.preemption.interrupted
+
     # ------------------------------------------------------------------ setup
     def _index_data(self) -> tuple[list, bool]:
         """The training sets (and the held-out shards), and whether they are pre-encoded."""
@@ -209,19 +213,20 @@ class Trainer:
         self.editor.train()
         start_step = self.step
         self.timer.begin("training steps")  # ended before the end-of-run work (checkpoint, evaluation)
-        while self.step < tcfg.max_steps:
-            grad_norm = self.train_step()
-            self.run_log.bar.update(1)
-            last = self.step == tcfg.max_steps
-            if self.step % tcfg.log_every == 0 or last:
-                self._log_step(grad_norm)
-            if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last:
-                self.save_checkpoint()
-            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and not last:
-                self.run_eval()  # its numbers go out with the next logged step
-                self.editor.train()
-            if self.preemption.should_stop(self.step - start_step) and not last:
-                return self._stop_early()
+        with self.preemption.graceful_ctrl_c():
+            while self.step < tcfg.max_steps:
+                grad_norm = self.train_step()
+                self.run_log.bar.update(1)
+                last = self.step == tcfg.max_steps
+                if self.step % tcfg.log_every == 0 or last:
+                    self._log_step(grad_norm)
+                if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and not last:
+                    self.run_eval()  # its numbers go out with the next logged step
+                    self.editor.train()
+                if self.preemption.should_stop(self.step - start_step) and not last:
+                    return self._stop_early()
         self.run_log.close()
         self.timer.end()
         if self.step > start_step or self.checkpointer.latest() is None:

@@ -105,12 +105,14 @@ def test_accelerate_launch_runs_the_same_app(quick_run, launcher):
     assert (run / "checkpoints" / "step-0000004" / "COMPLETE").exists()
 
 
-def test_sigusr1_mid_run_checkpoints_exits_for_requeue_and_resumes(quick_run):
-    """SLURM's warning signal: the run saves at the next step boundary, exits 42, and resume=auto finishes."""
+@pytest.mark.parametrize("name, code, marker", [("SIGUSR1", 42, True), ("SIGINT", 130, False)])
+def test_a_signal_mid_run_checkpoints_at_the_step_boundary_and_resumes(quick_run, name, code, marker):
+    """SLURM's warning signal: the run saves at the next step boundary, exits 42 with the PREEMPTED marker
+    (the template requeues), and resume=auto finishes. Ctrl-C the same, but exits 130 with no marker."""
     import signal
     import time
 
-    run = quick_run / "preempted"
+    run = quick_run / f"stopped-{name}"
     env = dict(os.environ, EDITFLOW_CACHE=str(quick_run / "cache"), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "editflow.train", *QUICK, "trainer.max_steps=100000", "trainer.log_every=1",
            "trainer.checkpoint_every=0", f"hydra.run.dir={run}"]
@@ -119,9 +121,11 @@ def test_sigusr1_mid_run_checkpoints_exits_for_requeue_and_resumes(quick_run):
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
         assert process.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    process.send_signal(signal.SIGUSR1)
+    process.send_signal(getattr(signal, name))
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 42, stderr[-2000:]
+    assert process.returncode == code, stderr[-2000:]
+    assert f"received {name}: checkpointing at the next step boundary" in (run / "train.log").read_text()
+    assert (run / "PREEMPTED").exists() == marker
     [checkpoint] = [p for p in (run / "checkpoints").iterdir()]
     assert (checkpoint / "COMPLETE").exists()
     stopped_at = int(checkpoint.name.split("-")[1])
@@ -129,6 +133,29 @@ def test_sigusr1_mid_run_checkpoints_exits_for_requeue_and_resumes(quick_run):
     run_train([sys.executable, "-m", "editflow.train"], run, quick_run / "cache", "trainer.resume=auto",
               f"trainer.max_steps={stopped_at + 2}", "trainer.checkpoint_every=0")
     assert read_metrics(run)[-1]["step"] == stopped_at + 2
+
+
+def test_the_same_signal_twice_stops_at_once_but_slurms_warning_does_not(tmp_path):
+    """A step can take minutes on a CPU: a second Ctrl-C or SIGTERM does not wait for its end."""
+    import signal
+
+    from accelerate import Accelerator
+
+    from editflow.preemption import Preemption
+
+    preemption = Preemption(Accelerator(cpu=True), tmp_path)
+    for signum in (signal.SIGUSR1, signal.SIGUSR1, signal.SIGTERM):
+        preemption._request(signum, None)
+    assert preemption.requested and not preemption.interrupted
+    with pytest.raises(KeyboardInterrupt, match="a second SIGTERM: stopped in the middle of a step"):
+        preemption._request(signal.SIGTERM, None)
+    with preemption.graceful_ctrl_c():
+        assert signal.getsignal(signal.SIGINT) == preemption._request
+        preemption._request(signal.SIGINT, None)
+        assert preemption.interrupted
+        with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
+            preemption._request(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C outside the steps: at once
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(quick_run):

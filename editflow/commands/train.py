@@ -38,6 +38,7 @@ def train_app(cfg: DictConfig) -> None:
     from editflow.trainer import Trainer  # heavy imports after Hydra has parsed the command line
 
     run_dir = HydraConfig.get().runtime.output_dir
+    trainer = None
     try:
         validate(cfg)  # bad values and unknown keys fail here, before any model loads
         OmegaConf.resolve(cfg)
@@ -47,6 +48,13 @@ def train_app(cfg: DictConfig) -> None:
         trainer.train()
     except EditflowError as err:  # bad input: one paragraph, no traceback
         report("train", err)
+    except KeyboardInterrupt as err:  # Ctrl-C outside the steps, or a second one within them
+        newest = trainer.checkpointer.latest() if trainer is not None else None
+        print(f"editflow train: interrupted{f' ({err})' if str(err) else ''}; newest checkpoint: "
+              f"{newest or 'none'}{' (continue with trainer.resume=auto)' if newest else ''}", file=sys.stderr)
+        sys.exit(130)
+    if trainer.interrupted:  # Ctrl-C, then a checkpoint at the step boundary: nothing to requeue
+        sys.exit(130)
     if trainer.preempted:  # the SLURM template requeues the job on this exit code
         sys.exit(int(cfg.trainer.preempt_exit_code))
 
