@@ -67,6 +67,9 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwr
     except OSError as err:  # a full disk, a quota: the partial export goes, `out` was not touched
         shutil.rmtree(tmp, ignore_errors=True)
         raise EditflowError(f"could not write the export ({err}); {out} was left as it was") from err
+    except BaseException:  # any other failure (or Ctrl-C) leaves no half-written export behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():  # the earlier export stays whole until the new one is in place
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -115,23 +118,39 @@ def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
 
 
 def _write_lora(transformer, directory: Path) -> None:
-    """diffusers' LoRA file (with adapter metadata, for load_lora_weights) and a ComfyUI/kohya-keyed copy."""
+    """diffusers' LoRA file (with adapter metadata, for load_lora_weights) and a ComfyUI/kohya-keyed copy.
+
+    Each module's scale (PEFT's `scaling`: lora_alpha / r, or its alpha_pattern / rank_pattern entry) is
+    folded into lora_B and the metadata says lora_alpha = r (alpha_pattern = rank_pattern): diffusers reads
+    the same adapter, and so do readers that take a `transformer.*.lora_A/B` file without its metadata
+    (ComfyUI's loader scales such a file by 1, not alpha / r)."""
     from diffusers import FluxKontextPipeline
+    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
 
     from editflow.lora_formats import diffusers_to_comfyui
 
-    layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    scales = {name: float(module.scaling["default"]) for name, module in transformer.named_modules()
+              if isinstance(module, LoraLayer) and "default" in module.scaling}
+    layers = {}
+    for key, value in get_peft_model_state_dict(transformer).items():
+        value = value.detach().cpu()
+        if key.endswith(".lora_B.weight"):
+            value = value * scales[key[: -len(".lora_B.weight")]]
+        layers[key] = value.contiguous()
     lora_config = transformer.peft_config["default"]
+    metadata = lora_config.to_dict()
+    metadata.update(lora_alpha=lora_config.r, alpha_pattern=dict(lora_config.rank_pattern or {}), use_rslora=False)
     FluxKontextPipeline.save_lora_weights(directory, transformer_lora_layers=layers, weight_name=LORA_FILE,
-                                          transformer_lora_adapter_metadata=lora_config.to_dict())
+                                          transformer_lora_adapter_metadata=metadata)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features if transformer.single_transformer_blocks \
         else 4 * inner
-    comfy = diffusers_to_comfyui({f"transformer.{k}": v for k, v in layers.items()}, lora_config.lora_alpha, inner, mlp)
+    comfy = diffusers_to_comfyui({f"transformer.{k}": v for k, v in layers.items()}, None, inner, mlp)
     save_file(comfy, directory / COMFYUI_LORA_FILE, metadata={
         "format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(lora_config.r),
-        "ss_base_model_version": "flux1", "editflow_note": "alpha/rank folded into lora_up; alpha = rank"})
+        "ss_network_alpha": str(lora_config.r), "ss_base_model_version": "flux1",
+        "editflow_note": "each module's alpha/rank folded into lora_up; alpha = rank"})
 
 
 def _to_container(config):
@@ -179,7 +198,8 @@ image = kontext(image=source, prompt_embeds=prompt_embeds, pooled_prompt_embeds=
 LORA_USAGE = """
 `pytorch_lora_weights.safetensors` is a diffusers LoRA (with adapter metadata) on `{base}`;
 `pytorch_lora_weights_comfyui.safetensors` holds the same adapter under the original FLUX module names
-(kohya-style keys, fused q/k/v) for ComfyUI and other tools.
+(kohya-style keys, fused q/k/v) for ComfyUI and other tools; in diffusers load the first (diffusers' kohya
+converter leaves out the final layer and the embedders).
 
 ```python
 from diffusers import FluxKontextPipeline

@@ -5,8 +5,15 @@ editflow trains PEFT adapters on diffusers' FluxTransformer2DModel, so its nativ
 Forge, ...) name modules after the original FLUX checkpoint, where q/k/v (and, in single blocks, the MLP
 input) are one fused linear: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`. A fused module's
 LoRA is made exactly from its parts: the downs stacked, the ups placed block-diagonally (rank = sum of
-the parts' ranks). The alpha/rank scale is folded into `lora_up` and `alpha` is set to the rank, which
-every reader interprets the same way (diffusers' kohya converter ignores alpha on the final layer).
+the parts' ranks). Each module's scale (PEFT's `scaling`: alpha/rank, or its alpha_pattern/rank_pattern
+entry) is folded into `lora_up` and `alpha` is set to the rank, which every reader interprets the same
+way (diffusers' kohya converter ignores alpha on the final layer). The final norm's modulation
+(`norm_out.linear`) is FLUX's `final_layer.adaLN_modulation.1` with its two halves swapped (diffusers
+orders it scale, shift; FLUX shift, scale), so its `lora_up` rows are swapped too.
+
+The names are ComfyUI's: comfy/lora.py `model_lora_keys_unet` maps `lora_unet_` + the FLUX state-dict
+key (dots as underscores) to that weight, and comfy/utils.py `flux_to_diffusers` gives the FLUX module
+(and row slice) of each diffusers module, which this module's tables follow.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ TOP_LEVEL = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
     "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+    "norm_out.linear": "final_layer_adaLN_modulation_1",
 }
+SWAPPED_HALVES = {"norm_out.linear"}  # FLUX: (shift, scale); diffusers: (scale, shift)
 KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -55,10 +64,18 @@ def _flux_target(module: str) -> tuple[str, int, int]:
     raise ValueError(f"LoRA on {module!r} has no counterpart in the original FLUX layout (ComfyUI export)")
 
 
-def diffusers_to_comfyui(lora: dict[str, torch.Tensor], alpha: float, inner_dim: int,
-                         mlp_dim: int) -> dict[str, torch.Tensor]:
-    """diffusers-format LoRA (`transformer.<module>.lora_A/B.weight`, scale alpha/rank) -> kohya/ComfyUI keys.
+def swap_halves(up: torch.Tensor) -> torch.Tensor:
+    """The rows of a diffusers `norm_out.linear` update in FLUX's order (its two halves exchanged)."""
+    first, second = up.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
+
+def diffusers_to_comfyui(lora: dict[str, torch.Tensor], alpha: float | None, inner_dim: int,
+                         mlp_dim: int, scales: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """diffusers-format LoRA (`transformer.<module>.lora_A/B.weight`) -> kohya/ComfyUI keys.
+
+    A module's update is scale x B @ A: `scales[module]` (module path without `transformer.`) where given,
+    else alpha/rank (alpha None: 1, the adapter's scale already folded into B).
     inner_dim: heads x head_dim (q, k and v widths); mlp_dim: a single block's MLP width (4 x inner_dim)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in lora.items():
@@ -69,8 +86,16 @@ def diffusers_to_comfyui(lora: dict[str, torch.Tensor], alpha: float, inner_dim:
     fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     parts_of: dict[str, int] = {}
     for module, ab in sorted(modules.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA on {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
         down, up = ab["A"], ab["B"]
-        up = up * (alpha / down.shape[0])  # fold the scale in: alpha = rank from here on
+        if scales is not None and module in scales:
+            scale = scales[module]
+        else:
+            scale = 1.0 if alpha is None else alpha / down.shape[0]
+        up = up * scale  # fold the scale in: alpha = rank from here on
+        if module in SWAPPED_HALVES:
+            up = swap_halves(up)
         name, part, parts = _flux_target(module)
         fused.setdefault(name, {})[part] = (down, up)
         parts_of[name] = parts
@@ -81,6 +106,10 @@ def diffusers_to_comfyui(lora: dict[str, torch.Tensor], alpha: float, inner_dim:
         else:
             widths = [inner_dim] * 3 + ([mlp_dim] if parts_of[name] == 4 else [])
             present = sorted(parts)
+            for p in present:
+                if parts[p][1].shape[0] != widths[p]:
+                    raise ValueError(f"{name}: part {p} has {parts[p][1].shape[0]} output rows, the fused FLUX "
+                                     f"module expects {widths[p]} (inner_dim={inner_dim}, mlp_dim={mlp_dim})")
             down = torch.cat([parts[p][0] for p in present])
             up = down.new_zeros(sum(widths), down.shape[0])
             column = 0
