@@ -116,10 +116,12 @@ def validate_groups(cfg: DictConfig, groups: tuple[str, ...]) -> None:
         raise config_error(err) from None
 
 
-def validate(cfg: DictConfig, training: bool = True) -> None:
+def validate(cfg: DictConfig, training: bool = True, files: bool = True) -> None:
     """Check a composed config before any model loads: unknown keys, then every dataclass's checks (run as
     `OmegaConf.to_object` builds them), each failure a ConfigError naming the key. `training=False`
-    (`editflow encode`) skips what only a training run needs (a stage-2 preset's `model.connector.init_from`)."""
+    (`editflow encode`) skips what only a training run needs (a stage-2 preset's `model.connector.init_from`).
+    `files`: also read the local model directories and the connector's init_from (not `editflow slurm`, whose
+    job resolves relative paths on another machine and in its --workdir)."""
     refuse_unknown_keys(cfg)
     try:
         OmegaConf.to_object(cfg)
@@ -132,6 +134,13 @@ def validate(cfg: DictConfig, training: bool = True) -> None:
             "directory (or a checkpoint, an export, or the public GPT-Image-Edit projector file with "
             "model.connector.kind=reference) as model.connector.init_from=PATH; model.connector.init_from=null "
             "starts from a fresh connector instead (README: the two-stage recipe)")
+    if files:
+        from editflow.models.connector_start import check_init_from
+        from editflow.models.local_models import check_local_models
+
+        check_local_models(cfg.model)
+        if training:
+            check_init_from(cfg.model.connector)
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> int:

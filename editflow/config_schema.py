@@ -44,11 +44,11 @@ def one_of(value: Any, choices, key: str) -> None:
 
 
 def positive(value: Any, key: str) -> None:
-    require(value > 0, key, f"must be positive, got {value!r}")
+    require(is_number(value) and value > 0, key, f"must be a positive finite number, got {value!r}")
 
 
-def non_negative(value: Any, key: str) -> None:
-    require(value >= 0, key, f"must be non-negative, got {value!r}")
+def non_negative(value: Any, key: str) -> None:  # finite too: inf passes `>= 0` and then poisons every update
+    require(is_number(value) and value >= 0, key, f"must be a non-negative finite number, got {value!r}")
 
 
 def is_number(value: Any) -> bool:
@@ -317,6 +317,8 @@ class TrainerConfig(Checked):
         one_of(self.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
         for key in ("global_batch_size", "micro_batch_size", "max_steps", "log_every", "keep_last", "max_bad_steps"):
             require(getattr(self, key) > 0, f"trainer.{key}", f"must be a positive integer, got {getattr(self, key)}")
+        # random, numpy and torch are all seeded with it (accelerate's set_seed); numpy takes only this range
+        require(0 <= self.seed < 2**32, "trainer.seed", f"must be an integer from 0 to 2**32-1, got {self.seed}")
         require(self.global_batch_size % self.micro_batch_size == 0, "trainer.global_batch_size",
                 f"{self.global_batch_size} is not divisible by trainer.micro_batch_size={self.micro_batch_size}")
         if self.checkpoint_every is not None:
@@ -371,6 +373,9 @@ class ObjectiveConfig(Checked):
             require(0 <= p <= 1, f"objective.drop_{outcome}", f"must be a probability in [0, 1], got {p}")
         require(sum(drops) <= 1, "objective.drop_both",
                 f"objective.drop_text + drop_image + drop_both must not exceed 1, got {sum(drops)}")
+        # checked here, not only through eval.guidance (their default), so the message names the key that was set
+        for key in ("guidance", "sample_guidance"):
+            non_negative(getattr(self, key), f"objective.{key}")
 
 
 # ------------------------------------------------------------------------------- eval, encode, logging

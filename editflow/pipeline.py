@@ -16,6 +16,7 @@ from editflow.data.images import to_gray, to_rgb
 from editflow.data.pixels import image_tensor
 from editflow.flow import resolution_mu
 from editflow import checkpoint as ckpt
+from editflow import pipeline_inputs as inputs
 from editflow.config import saved_config
 from editflow.config_schema import TransformerConfig, VaeConfig
 from editflow.model_paths import EXPORT_FILE, LORA_FILE, read_export, resolve_checkpoint
@@ -166,15 +167,13 @@ class EditPipeline:
         size, white where editing is allowed; outside it the sample is pinned to the source.
         """
         guidance_scale = self.guidance if guidance_scale is None else guidance_scale
-        images = [image] if isinstance(image, Image.Image) else list(image)
-        instructions = [instruction] if isinstance(instruction, str) else list(instruction)
-        if len(instructions) == 1 and len(images) > 1:
-            instructions = instructions * len(images)
-        m = self.size_multiple
-        height = height or images[0].height // m * m
-        width = width or images[0].width // m * m
-        if height % m or width % m:
-            raise ValueError(f"height and width must be multiples of {m}, got {width}x{height}")
+        images = inputs.images_of(image, "image")
+        instructions = inputs.instructions_of(instruction, len(images))
+        references = inputs.images_of(references, "references", allow_empty=True)
+        inputs.positive_int(num_inference_steps, "num_inference_steps")
+        inputs.positive_int(num_images_per_prompt, "num_images_per_prompt")
+        height, width = inputs.output_size(images[0], height, width, self.size_multiple)
+        inputs.check_mask(mask, images[0].size, (width, height))
 
         def fit(im: Image.Image) -> Image.Image:  # any mode, read the way convert and the loader read it
             im = to_rgb(im)

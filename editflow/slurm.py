@@ -22,7 +22,8 @@ ACCELERATE_CONFIGS = CONFIG_DIR.parent / "launch" / "accelerate"
 
 def render(args: argparse.Namespace, overrides: list[str]) -> str:
     cfg = compose(overrides)
-    validate(cfg)  # as `editflow train` would: bad keys and values fail here, not in the queue
+    # as `editflow train` would: bad keys and values fail here, not in the queue (paths are the job's to read)
+    validate(cfg, files=False)
     world = args.nodes * args.gpus_per_node
     check_world_size(cfg, world)
     template = "single_node.sbatch" if args.nodes == 1 else "multi_node.sbatch"

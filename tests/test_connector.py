@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from editflow.errors import ConfigError
 from editflow.models.build import ASSETS, build_models
 from editflow.models.connector import Connector
 from editflow.models.connector_start import load_connector_, start_connector
@@ -143,7 +144,7 @@ def test_init_from_a_checkpoint_run_and_export_restores_the_whole_connector(tiny
                         lambda: pytest.fail("a loaded connector is not recalibrated"))
         for key, value in state.items():
             assert torch.equal(target.state_dict()[key], value), (path, key)
-    with pytest.raises(FileNotFoundError, match="model.connector.init_from"):
+    with pytest.raises(ConfigError, match="model.connector.init_from"):
         load_connector_(Connector(64, 128, 64), tmp_path / "nowhere")
 
 

@@ -123,7 +123,7 @@ def test_same_seed_same_edit_other_seed_other_edit(tiny_models):
 def test_bad_size_is_refused(tiny_models):
     pipe = EditPipeline.from_models(tiny_models, guidance=1.0)
     assert pipe.size_multiple == 2 * tiny_models.codec.downsample  # 2x2 latent patches per token
-    with pytest.raises(ValueError, match=f"multiples of {pipe.size_multiple}"):
+    with pytest.raises(ValueError, match=f"height must be a positive multiple of {pipe.size_multiple}, got 36"):
         pipe(make_edit(0).source, "x", height=36, width=64)
 
 
@@ -162,13 +162,14 @@ def test_real_configs_have_the_published_parameter_counts():
 def test_loading_errors_name_the_component_and_path(tmp_path):
     from omegaconf import OmegaConf
 
+    from editflow.errors import ConfigError
     from editflow.models.build import build_codec, build_transformer
 
-    with pytest.raises(FileNotFoundError, match=r"FLUX transformer from local directory .*empty.* subfolder 'transformer'"):
+    with pytest.raises(ConfigError, match=r"model.transformer.pretrained=.*FLUX transformer from local directory .*empty.* subfolder 'transformer'"):
         (tmp_path / "empty").mkdir()
         build_transformer(OmegaConf.create({"pretrained": str(tmp_path / "empty"), "subfolder": "transformer"}),
                           torch.float32)
-    with pytest.raises(FileNotFoundError, match=r"VAE from hub id .*offline machines need a local directory"):
+    with pytest.raises(ConfigError, match=r"model.vae.pretrained=.*VAE from hub id .*offline machines need a local directory"):
         build_codec(OmegaConf.create({"pretrained": "black-forest-labs/FLUX.1-Kontext-dev", "subfolder": "vae"}),
                     torch.float32)
 

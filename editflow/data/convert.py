@@ -545,7 +545,15 @@ def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
     """Problems found: no samples, shards missing or not listed, a wrong sha256 or sample count. Empty when all
     is well."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    if not directory.is_dir():
+        return [f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}"]
+    try:
+        manifest = read_manifest(directory)
+        for entry in manifest["shards"]:  # the fields read below
+            entry["file"], entry["count"], entry["sha256"]
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a manifest's shape
+        return [f"{directory / 'manifest.json'}: not a shard manifest ({type(err).__name__}: {err}): it is damaged; "
+                "convert into a fresh folder"]
     if not manifest["shards"]:
         return [f"{directory}: no manifest.json, or it lists no shards (not a finished conversion)"]
     problems = []
@@ -561,6 +569,10 @@ def verify(directory: str | os.PathLike, progress: bool = True) -> list[str]:
         path = directory / entry["file"]
         if not path.exists():
             problems.append(f"{entry['file']}: missing")
+            continue
+        if entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:  # told without hashing
+            problems.append(f"{entry['file']}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                            "(truncated or overwritten: copy it again)")
             continue
         if sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['file']}: sha256 mismatch (corrupted or modified)")

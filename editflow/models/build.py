@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from omegaconf import DictConfig, OmegaConf
 
+from editflow.errors import ConfigError
 from editflow.models.attention import AttentionPlan, attention_plan
 from editflow.models.conditioner import QwenVLConditioner
 from editflow.models.connector import Connector
@@ -56,8 +57,9 @@ def relocate_asset(path: str) -> str:
     return path
 
 
-def _from_pretrained(cls, path: str, what: str, **kwargs):
-    """`cls.from_pretrained` with an error that names the component, the path and what is missing."""
+def _from_pretrained(cls, path: str, what: str, key: str, **kwargs):
+    """`cls.from_pretrained` with an error (a ConfigError: the user's path) that names the key, the component,
+    the path and what is missing."""
     path = relocate_asset(path)
     local = os.path.isdir(path)
     try:
@@ -65,13 +67,14 @@ def _from_pretrained(cls, path: str, what: str, **kwargs):
     except (OSError, ValueError, EnvironmentError) as err:
         where = "local directory" if local else "hub id (offline machines need a local directory)"
         sub = f" subfolder {kwargs['subfolder']!r}" if kwargs.get("subfolder") else ""
-        raise FileNotFoundError(f"cannot load the {what} from {where} {path!r}{sub}: {err}") from err
+        raise ConfigError(f"{key}={path}: cannot load the {what} from {where} {path!r}{sub}: {err}") from err
 
 
 def build_transformer(cfg: DictConfig, dtype: torch.dtype) -> FluxTransformer2DModel:
     if cfg.pretrained:
         return _from_pretrained(
-            FluxTransformer2DModel, cfg.pretrained, "FLUX transformer", subfolder=cfg.subfolder, torch_dtype=dtype
+            FluxTransformer2DModel, cfg.pretrained, "FLUX transformer", "model.transformer.pretrained",
+            subfolder=cfg.subfolder, torch_dtype=dtype,
         )
     config = OmegaConf.to_container(cfg.config, resolve=True)
     config["axes_dims_rope"] = tuple(config.get("axes_dims_rope", (16, 56, 56)))
@@ -80,7 +83,8 @@ def build_transformer(cfg: DictConfig, dtype: torch.dtype) -> FluxTransformer2DM
 
 
 def build_codec(cfg: DictConfig, dtype: torch.dtype) -> LatentCodec:
-    vae = _from_pretrained(AutoencoderKL, cfg.pretrained, "VAE", subfolder=cfg.subfolder, torch_dtype=dtype)
+    vae = _from_pretrained(AutoencoderKL, cfg.pretrained, "VAE", "model.vae.pretrained", subfolder=cfg.subfolder,
+                           torch_dtype=dtype)
     return LatentCodec(vae)
 
 
@@ -96,7 +100,8 @@ def build_conditioner(cfg: DictConfig, dtype: torch.dtype) -> QwenVLConditioner:
             attn_implementation=cfg.attn_implementation,
         )
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"cannot load Qwen2.5-VL from {cfg.pretrained!r}: {err}") from err
+        raise ConfigError(f"model.qwen.pretrained={cfg.pretrained}: cannot load Qwen2.5-VL from {cfg.pretrained!r}: "
+                          f"{err}") from err
 
 
 def build_connector(cfg: DictConfig, qwen_dim: int, transformer: FluxTransformer2DModel) -> Connector:
@@ -191,6 +196,9 @@ def build_models(cfg: DictConfig, seed: int = 0, training: bool = False, lora_ad
     unless `lora_adapter=False` (an exported LoRA file is then loaded by diffusers' own loader).
     Given `qwen_dim` (training on pre-encoded data), Qwen and the VAE are not loaded: `build_frozen`
     makes them when they are needed."""
+    from editflow.models.local_models import check_local_models
+
+    check_local_models(cfg, ("transformer",))  # before from_pretrained, which fails badly on a wrong directory
     torch.manual_seed(seed)  # random-init parts (tiny transformer, connector) are reproducible
     transformer = build_transformer(cfg.transformer, torch_dtype(cfg.dtype))
     plan = configure_transformer(transformer, cfg, training, lora_adapter)
@@ -222,6 +230,9 @@ def qwen_hidden_size(qwen_path: str | None) -> int:
 
 def build_frozen(cfg: DictConfig) -> tuple[QwenVLConditioner, LatentCodec]:
     """The frozen Qwen2.5-VL conditioner and VAE codec of a `model/` config node, on the CPU."""
+    from editflow.models.local_models import check_local_models
+
+    check_local_models(cfg, ("qwen", "vae"))  # Qwen without config.json would be built at 7B's size
     frozen_dtype = torch_dtype(cfg.frozen_dtype)
     return build_conditioner(cfg.qwen, frozen_dtype), build_codec(cfg.vae, frozen_dtype)
 
