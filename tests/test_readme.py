@@ -79,7 +79,23 @@ def workspace(quick_model, tmp_path_factory):
     (ws / "runs" / "DATE").mkdir(parents=True)
     (ws / "runs" / "DATE" / "TIME").symlink_to(quick_model / "run")
     write_toy_shards(ws / "data" / "shards" / "val", num=10, progress=False)  # two of each kind: eval --reliance pairs them
+    stage1_run(ws / "runs" / "align")
     return ws
+
+
+def stage1_run(run: Path) -> None:
+    """`runs/align`, the stage-1 run the two-stage commands start from: a checkpoint holding a connector of the
+    full model's kind and hidden_dim (read before any model loads), at toy widths otherwise."""
+    from safetensors.torch import save_file
+
+    from editflow.models.connector import Connector
+
+    checkpoint = run / "checkpoints" / "step-0000002"
+    checkpoint.mkdir(parents=True)
+    state = Connector(8, 8, 8, kind="mlp", hidden_dim=4096).state_dict()
+    save_file({f"connector.{k}": v.contiguous() for k, v in state.items()}, checkpoint / "model.safetensors")
+    (checkpoint / "train_state.json").write_text("{}")
+    (checkpoint / "COMPLETE").write_text("2")
 
 
 @pytest.fixture()
@@ -95,7 +111,7 @@ def dry(monkeypatch):
     import editflow.trainer
 
     class DryTrainer:
-        preempted = False
+        preempted = interrupted = False
 
         def __init__(self, cfg, run_dir):
             pass
