@@ -179,3 +179,31 @@ def test_logging_throughput_mfu_ema_and_offline_wandb(quick_run):
     assert set(weights) - set(ema) == {"connector.pooled_base"}  # every parameter averaged; a buffer is saved as is
     assert any(not torch.equal(ema[k], weights[k]) for k in weights if k in ema)  # an average, not a copy
     assert list((run / "wandb").glob("offline-run-*"))  # wandb is offline by default
+
+
+def test_a_second_ctrl_c_exits_130_naming_the_newest_checkpoint(tmp_path, monkeypatch, capsys, cache_dir):
+    """What `editflow train` prints when a step is cut short: no traceback, the checkpoint to continue from."""
+    import editflow.trainer
+    from editflow.commands.train import main
+
+    class Checkpointer:
+        def latest(self):
+            return tmp_path / "run" / "checkpoints" / "step-0000040"
+
+    class CutShort:
+        preempted = interrupted = False
+        checkpointer = Checkpointer()
+
+        def __init__(self, cfg, run_dir):
+            pass
+
+        def train(self):
+            raise KeyboardInterrupt("a second SIGINT: stopped in the middle of a step, without a checkpoint")
+
+    monkeypatch.setattr(editflow.trainer, "Trainer", CutShort)
+    with pytest.raises(SystemExit) as exit_:
+        main([f"hydra.run.dir={tmp_path / 'run'}"])
+    assert exit_.value.code == 130
+    assert ("editflow train: interrupted (a second SIGINT: stopped in the middle of a step, without a checkpoint); "
+            f"newest checkpoint: {tmp_path}/run/checkpoints/step-0000040 (continue with trainer.resume=auto)"
+            ) in capsys.readouterr().err

@@ -50,7 +50,7 @@ def train_app(cfg: DictConfig) -> None:
         report("train", err)
     except KeyboardInterrupt as err:  # Ctrl-C outside the steps, or a second one within them
         newest = trainer.checkpointer.latest() if trainer is not None else None
-        print(f"editflow train: interrupted{f' ({err})' if str(err) else ''}; newest checkpoint: "
+        print(f"\neditflow train: interrupted{f' ({err})' if str(err) else ''}; newest checkpoint: "  # off the bar
               f"{newest or 'none'}{' (continue with trainer.resume=auto)' if newest else ''}", file=sys.stderr)
         sys.exit(130)
     if trainer.interrupted:  # Ctrl-C, then a checkpoint at the step boundary: nothing to requeue
