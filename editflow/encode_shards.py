@@ -101,7 +101,7 @@ class ShardEncoder:
         entry = write_shard(path, self._encoded(url, rejected))
         # training checks that data.train still names these shards: by path, or by sha256 where the same
         # shards are mounted elsewhere
-        return {**entry, "source": os.path.realpath(url), "source_sha256": listed_sha256(url),
+        return {**entry, "source": os.path.realpath(url), "source_sha256": listed_sha256([url])[0],
                 "rejected": dict(rejected)}
 
 

@@ -105,14 +105,18 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def listed_sha256(url: str) -> str | None:
-    """A shard's sha256 as its directory's manifest lists it (convert and encode write one), or None: what
-    identifies the shard wherever it is mounted, with no hashing here (shards can be gigabytes)."""
-    if not os.path.isfile(url):
-        return None
-    name = os.path.basename(url)
-    listed = {e.get("file"): e.get("sha256") for e in read_manifest(os.path.dirname(url)).get("shards", [])}
-    return listed.get(name)
+def listed_sha256(urls: list[str]) -> list[str | None]:
+    """Each shard's sha256 as its directory's manifest lists it (convert and encode write one), or None (not a
+    local file, or not listed): what identifies a shard wherever it is mounted, with no hashing here (shards
+    can be gigabytes). Each directory's manifest is read once."""
+    listings: dict[str, dict] = {}
+    digests = []
+    for url in urls:
+        directory = os.path.dirname(url)
+        if directory not in listings:
+            listings[directory] = {e.get("file"): e.get("sha256") for e in read_manifest(directory).get("shards", [])}
+        digests.append(listings[directory].get(os.path.basename(url)) if os.path.isfile(url) else None)
+    return digests
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:

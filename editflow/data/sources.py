@@ -163,7 +163,7 @@ def _check_encoded_from(cfg: DictConfig, name: str, root: Path, manifest: dict) 
         return
     if sorted(map(os.path.realpath, wanted)) == sorted(entry["source"] for entry in recorded):
         return
-    found, encoded = [listed_sha256(url) for url in wanted], [entry.get("source_sha256") for entry in recorded]
+    found, encoded = listed_sha256(wanted), [entry.get("source_sha256") for entry in recorded]
     if None not in found and None not in encoded and sorted(found) == sorted(encoded):
         return
     dirs = lambda urls: ", ".join(sorted({os.path.dirname(os.path.realpath(u)) for u in urls}))
