@@ -37,8 +37,9 @@ class Preemption:
         if name in self.signals and signum != signal.SIGUSR1:
             raise KeyboardInterrupt(f"a second {name}: stopped in the middle of a step, without a checkpoint")
         self.signals.append(name)
-        again = "" if signum == signal.SIGUSR1 else f" ({'Ctrl-C' if signum == signal.SIGINT else name} again: stop " \
-                                                    "now, without one)"
+        again = ""
+        if signum != signal.SIGUSR1:
+            again = f" ({'Ctrl-C' if signum == signal.SIGINT else name} again: stop now, without one)"
         log.warning("received %s: checkpointing at the next step boundary%s", name, again)
         self.requested = True
 
