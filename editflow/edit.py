@@ -153,12 +153,12 @@ class ModelLimits:
         return cls(config.data.bucket_base, qwen.max_length, tokenizer, allow_large)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # json's true is not a count
 
 
-def _is_finite(v) -> bool:
-    return _is_int(v) or isinstance(v, float) and math.isfinite(v)  # a nan/inf guidance samples a black image
+def is_finite(v) -> bool:
+    return is_int(v) or isinstance(v, float) and math.isfinite(v)  # a nan/inf guidance samples a black image
 
 
 def _is_path(v) -> bool:
@@ -171,15 +171,15 @@ FIELD_RULES = {
                "one image file path or a list of them (the first is the source)"),
     "instruction": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
     "out": (_is_path, "an output file path"),
-    "num_images": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "num_images": (lambda v: is_int(v) and v >= 1, "a positive integer"),
     "size": (lambda v: isinstance(v, str), "a string: 'auto' or WIDTHxHEIGHT"),
-    "steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "guidance": (lambda v: v is None or _is_finite(v), "a finite number (or unset: the model's default)"),
-    "text_guidance": (_is_finite, "a finite number"),
-    "image_guidance": (_is_finite, "a finite number"),
-    "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer from -2**63 to 2**64-1"),  # torch's range
+    "steps": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+    "guidance": (lambda v: v is None or is_finite(v), "a finite number (or unset: the model's default)"),
+    "text_guidance": (is_finite, "a finite number"),
+    "image_guidance": (is_finite, "a finite number"),
+    "seed": (lambda v: is_int(v) and -2**63 <= v < 2**64, "an integer from -2**63 to 2**64-1"),  # torch's range
     "mask": (lambda v: v is None or _is_path(v), "an image file path (or unset)"),
-    "quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an integer between 1 and 100"),
+    "quality": (lambda v: is_int(v) and 1 <= v <= 100, "an integer between 1 and 100"),
 }
 
 

@@ -172,6 +172,9 @@ class EditPipeline:
         references = inputs.images_of(references, "references", allow_empty=True)
         inputs.positive_int(num_inference_steps, "num_inference_steps")
         inputs.positive_int(num_images_per_prompt, "num_images_per_prompt")
+        for name, scale in (("guidance_scale", guidance_scale), ("text_guidance_scale", text_guidance_scale),
+                            ("image_guidance_scale", image_guidance_scale)):
+            inputs.finite(scale, name)
         height, width = inputs.output_size(images[0], height, width, self.size_multiple)
         inputs.check_mask(mask, images[0].size, (width, height))
 

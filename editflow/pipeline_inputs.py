@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from editflow.edit import RequestError
+from editflow.edit import RequestError, is_finite, is_int
 
 
 def _kind(value) -> str:
@@ -48,15 +48,20 @@ def instructions_of(value, count: int) -> list[str]:
 
 
 def positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not (is_int(value) and value >= 1):
         raise RequestError(f"{name} must be a positive integer, got {value!r}")
+
+
+def finite(value, name: str) -> None:
+    """A guidance scale: as `editflow edit` checks it (a nan or inf one samples a black image)."""
+    if not is_finite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
 
 
 def output_size(source: Image.Image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
     """(height, width): the given ones, or the source's rounded down to the model's multiple."""
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < multiple
-                                  or value % multiple):
+        if value is not None and (not is_int(value) or value < multiple or value % multiple):
             raise RequestError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
     height = height or source.height // multiple * multiple
     width = width or source.width // multiple * multiple

@@ -67,7 +67,7 @@ class Progress:
 
 def warn_if_slow_on_cpu(bucket_base: int, downsample: int, limit: int = 1024) -> None:
     """Say so up front when the images make CPU steps take minutes (e.g. data=shards' 1024-px buckets with the
-    tiny model): otherwise the run sits at step 0 and a signal waits for the step to finish."""
+    tiny model): otherwise the run sits at step 0, and a first Ctrl-C or SIGTERM waits for the step to end."""
     tokens = (bucket_base // (2 * downsample)) ** 2  # packed 2x2 latent patches per image
     if tokens > limit:
         log.warning("data.bucket_base=%d: %d image tokens per image (and as many for the source) on the CPU, where "

@@ -187,6 +187,9 @@ PIPE_CASES = [
     ({"height": 20}, r"height must be a positive multiple of 8, got 20"),
     ({"mask": Image.new("L", (32, 32))}, r"mask is 32x32; it must be the image's size \(64x64\) or the output's"),
     ({"references": [torch.zeros(3, 64, 64)]}, r"references\[0\] must be a PIL image, got Tensor"),
+    ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number, got nan"),
+    ({"text_guidance_scale": float("inf")}, r"text_guidance_scale must be a finite number, got inf"),
+    ({"image_guidance_scale": "2"}, r"image_guidance_scale must be a finite number, got '2'"),
 ]
 
 

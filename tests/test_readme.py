@@ -86,16 +86,11 @@ def workspace(quick_model, tmp_path_factory):
 def stage1_run(run: Path) -> None:
     """`runs/align`, the stage-1 run the two-stage commands start from: a checkpoint holding a connector of the
     full model's kind and hidden_dim (read before any model loads), at toy widths otherwise."""
-    from safetensors.torch import save_file
-
     from editflow.models.connector import Connector
+    from test_bad_inputs import fake_checkpoint
 
-    checkpoint = run / "checkpoints" / "step-0000002"
-    checkpoint.mkdir(parents=True)
     state = Connector(8, 8, 8, kind="mlp", hidden_dim=4096).state_dict()
-    save_file({f"connector.{k}": v.contiguous() for k, v in state.items()}, checkpoint / "model.safetensors")
-    (checkpoint / "train_state.json").write_text("{}")
-    (checkpoint / "COMPLETE").write_text("2")
+    fake_checkpoint(run, {k: v.contiguous() for k, v in state.items()})
 
 
 @pytest.fixture()
