@@ -384,6 +384,7 @@ class EvalConfig(Checked):
     """Held-out evaluation and sample grid at the end of the run."""
 
     every: Optional[int] = None  # also evaluate every N steps (logged as eval/* in metrics.jsonl)
+    at_start: bool = False  # also evaluate before the first step: the summary shows the start beside the end
     num_samples: int = 64
     steps: int = 20
     # a value or a list, e.g. [3.5, 1.0]: each is evaluated, the first is the headline

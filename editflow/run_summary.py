@@ -61,23 +61,27 @@ def _shown(path: Path) -> str:
 
 
 def kind_table(result: dict) -> list[str]:
-    """Per kind of edit (and overall): the model's mae against copy-the-source's, and success rates."""
+    """Per kind of edit (and overall): the model's mae against copy-the-source's, and success rates; with
+    `result["start"]` (eval.at_start), the model's scores before its first step too."""
     model, baseline = result["model"], result["baseline"]
+    start = result.get("start", {}).get("model")
     kinds = sorted(k.split("/", 1)[1] for k in model if k.startswith("mae/"))
     rows = [(kind, f"mae/{kind}", f"success/{kind}") for kind in kinds] + [("all", "mae", "success")]
-    lines = [f"  {'kind':12s} {'model':>8s} {'copy-source':>12s}  {'beats copy':10s} {'success: model':>14s} "
-             f"{'copy':>5s}"]
+    head = f"  {'kind':12s} {'model':>8s} {'copy-source':>12s}  {'beats copy':10s} {'success: model':>14s} {'copy':>5s}"
+    lines = [head + (f"  {'at step 0: mae':>14s} {'success':>7s}" if start else "")]
     for kind, mae, success in rows:
         beats = "yes" if model[mae] < baseline[mae] else "NO"
         line = f"  {kind:12s} {model[mae]:8.4f} {baseline[mae]:12.4f}  {beats:10s}"
         if success in model:
             line += f" {model[success]:14.2f} {baseline[success]:5.2f}"
+            if start and mae in start:
+                line += f"  {start[mae]:14.4f} {start.get(success, float('nan')):7.2f}"
         lines.append(line)
     return lines
 
 
 def summary(run_dir: Path, checkpoint: Path | None, grid: Path | None, result: dict, phases: dict[str, float],
-            steps: int, example: tuple[Path, str] | None = None) -> str:
+            steps: int, example: tuple[Path, str] | None = None, start_grid: Path | None = None) -> str:
     """The text printed (and saved as summary.txt) at the end of a run."""
     run = _shown(run_dir)
     lines = ["", f"Run finished: {run}"]
@@ -85,6 +89,8 @@ def summary(run_dir: Path, checkpoint: Path | None, grid: Path | None, result: d
         lines.append(f"  checkpoint   {_shown(checkpoint)}")
     if grid is not None:
         lines.append(f"  sample grid  {_shown(grid)}  (source | target | edit, one row per kind of edit)")
+    if start_grid is not None and start_grid != grid:
+        lines.append(f"  at step 0    {_shown(start_grid)}  (the same edits before training)")
     if result:
         lines.append(f"  eval.json    {_shown(Path(run_dir) / 'eval.json')}")
         lines += ["", f"Held-out edits ({result['num_samples']}): mean absolute pixel error on [0, 1], lower is "

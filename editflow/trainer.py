@@ -110,6 +110,7 @@ class Trainer:
         self.region_weighting = cfg.objective.region_weighting
         self.batches = self._build_loader(sets, pre_encoded, editor.text_pad_multiple)
         self._grid_rows, self._grid_path = [], None  # the latest sample grid (end-of-run summary)
+        self._start_result, self._start_grid = {}, None  # eval.at_start: the model before its first step
 
         self.checkpointer = Checkpointer(checkpoints, acc, self.editor, sharded, tcfg.keep_last,
                                          OmegaConf.to_container(cfg, resolve=True))
@@ -212,6 +213,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.editor.train()
         start_step = self.step
+        if self.cfg.eval.at_start and self.step == 0:  # what the run starts from (not again on a resume)
+            self._start_result, self._start_grid = self.run_eval(), self._grid_path
+            self.run_log.pending = {}  # not logged as the first logged step's: eval.json keeps it as "start"
+            self.editor.train()
         self.timer.begin("training steps")  # ended before the end-of-run work (checkpoint, evaluation)
         with self.preemption.graceful_ctrl_c():
             while self.step < tcfg.max_steps:
@@ -367,6 +372,9 @@ class Trainer:
         """Final evaluation, then summary.txt, printed last: where the results are, the model against
         copy-the-source per kind of edit, the time by phase, and the commands to run next."""
         result = self.run_eval()
+        if result and self._start_result:  # eval.json keeps the start beside the end
+            result["start"] = {"step": 0, "model": self._start_result["model"]}
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         if self.accelerator.is_main_process:
             example = None
             if self._grid_rows:  # a held-out source to try `editflow edit` on
@@ -375,7 +383,7 @@ class Trainer:
                 sample.source.save(image)
                 example = (image, sample.instruction)
             text = summary(self.run_dir, self.checkpointer.latest(), self._grid_path, result, self.timer.seconds,
-                           steps, example)
+                           steps, example, start_grid=self._start_grid)
             (self.run_dir / "summary.txt").write_text(text)
         self.run_log.finish(result)
         if self.accelerator.is_main_process:  # the last thing on the terminal

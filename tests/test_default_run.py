@@ -1,29 +1,32 @@
 """The main job: `editflow train` with no overrides learns to edit, as far as the README promises: on 100
-held-out toy edits it beats copying the source overall and on background edits, and removes objects; it does
-not yet beat copying on the small local edits (add, move, recolor: README, "The default run", says why). The
-run starts quietly and ends with its summary."""
+held-out toy edits the fine-tuned tiny base beats copying the source on every kind of edit, more than half
+of its edits succeed, and it ends closer to the targets than it started. The run starts quietly and ends
+with its summary."""
 
 import json
 import subprocess
 import sys
 
 KINDS = ("add", "background", "move", "recolor", "remove")
-# Measured on the default run (README, "The default run"): mae 0.040 vs copy-the-source 0.072 overall, 0.073 vs
-# 0.292 on background edits, 40% of removals right. The thresholds sit below, for the noise of 20 edits per kind.
+# Measured on the default run (README, "The default run"): mae 0.0186 vs copy-the-source 0.0718 overall (0.0198
+# at step 0), every kind below copying (the closest: remove 0.0132 vs 0.0138), success 0.61 (add 1.00, remove
+# 0.80, move 0.60, recolor 0.55). The thresholds leave room for other machines' float sums.
 
 
-def test_default_run_beats_copy_source_overall_and_removes_objects(default_run):
+def test_default_run_beats_copy_source_on_every_kind_and_improves_on_its_start(default_run):
     run = default_run / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"]
+    first, last = metrics[:4], metrics[-4:]  # the fine-tune's loss falls (means over 100 steps)
+    assert sum(m["loss"] for m in last) < sum(m["loss"] for m in first)
     report = json.loads((run / "eval.json").read_text())
-    model, baseline = report["model"], report["baseline"]
+    model, baseline, start = report["model"], report["baseline"], report["start"]["model"]
     assert report["primary"] == "mae" and report["num_samples"] == 100 and report["ema_decay"] == 0.995
-    assert model["mae"] < 0.7 * baseline["mae"], (model["mae"], baseline["mae"])
-    assert model["mae/background"] < 0.5 * baseline["mae/background"]
-    assert model["success/remove"] >= 0.2 > baseline["success/remove"]
-    # the edits are not just a copy: the edited regions are closer to the targets than the sources are
-    assert model["mae_edit_region"] < baseline["mae_edit_region"]
+    assert model["mae"] < 0.35 * baseline["mae"], (model["mae"], baseline["mae"])
+    for kind in KINDS:
+        assert model[f"mae/{kind}"] < baseline[f"mae/{kind}"], kind
+    assert model["success"] >= 0.5 and model["success/add"] >= 0.8 and model["success/remove"] >= 0.6
+    assert model["mae"] < start["mae"]  # the run improved on where the base started
+    assert model["mae_edit_region"] < 0.5 * baseline["mae_edit_region"]
 
 
 def test_default_run_starts_quietly_and_ends_with_its_summary(default_run):
@@ -38,7 +41,8 @@ def test_default_run_starts_quietly_and_ends_with_its_summary(default_run):
     table = [line.split() for line in summary.splitlines()]
     rows = {words[0]: words for words in table if words and words[0] in (*KINDS, "all")}
     assert rows.keys() == {*KINDS, "all"} and all(("yes" in r) != ("NO" in r) for r in rows.values()), rows
-    assert "yes" in rows["all"] and "yes" in rows["background"]  # beats copy-the-source (README's promise)
+    assert all("yes" in row for row in rows.values())  # beats copy-the-source (README's promise)
+    assert "at step 0" in summary and "samples-step0000000.png" in summary  # where the run started
     for phase in ("toy data", "encoding", "training steps", "evaluation"):
         assert phase in summary
     checkpoint = next((run / "checkpoints").glob("step-*"))

@@ -207,3 +207,20 @@ def test_a_second_ctrl_c_exits_130_naming_the_newest_checkpoint(tmp_path, monkey
     assert ("editflow train: interrupted (a second SIGINT: stopped in the middle of a step, without a checkpoint); "
             f"newest checkpoint: {tmp_path}/run/checkpoints/step-0000040 (continue with trainer.resume=auto)"
             ) in capsys.readouterr().err
+
+
+def test_eval_at_start_keeps_the_untrained_scores_beside_the_final_ones(tmp_path):
+    run = tmp_path / "run"
+    result = run_train([sys.executable, "-m", "editflow.cli", "train"], run, tmp_path / "cache", "eval.at_start=true")
+    report = json.loads((run / "eval.json").read_text())
+    start, end = report["start"]["model"], report["model"]
+    assert report["start"]["step"] == 0 and report["step"] == 4 and start.keys() == end.keys()
+    assert start["mae"] != end["mae"]  # scored before the first step, not a copy of the end
+    assert (run / "samples-step0000000.png").exists() and (run / "samples-step0000004.png").exists()
+    # the start is reported once, in eval.json and the summary, not as the first logged step's evaluation
+    assert not any(key.startswith("eval/") for key in read_metrics(run)[0])
+    summary = (run / "summary.txt").read_text()
+    assert "at step 0: mae" in summary and "samples-step0000000.png" in summary
+    row = next(line.split() for line in summary.splitlines() if line.split()[:1] == ["all"])
+    assert float(row[-2]) == pytest.approx(start["mae"], abs=1e-4) and float(row[1]) == pytest.approx(end["mae"], abs=1e-4)
+    assert result.stdout.rstrip().endswith(summary.rstrip())

@@ -259,6 +259,24 @@ README = """Tiny assets for tests and the toy default, built by `python -m editf
 """
 
 
+def save_base(run: Path, out: Path) -> None:
+    """The tiny pretrained editor the toy default fine-tunes (`base/transformer/` in diffusers' layout,
+    `base/connector/`), from a run of `experiment=toy_base`: its newest checkpoint's EMA weights, through
+    `editflow export`."""
+    import shutil
+    import tempfile
+
+    from editflow.export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export(run, Path(tmp) / "export")
+        for part in ("transformer", "connector"):
+            target = out / "base" / part
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(exported / part, target)
+    print(f"saved the tiny base (transformer/, connector/) from {run} to {out / 'base'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "tiny")
@@ -266,7 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-full-steps", type=int, default=2500)
     parser.add_argument("--vae-init", type=Path, default=None, help="start from these VAE weights (skips crop phase)")
     parser.add_argument("--skip-vae", action="store_true", help="rebuild only the Qwen and CLIP assets")
+    parser.add_argument("--base-from", type=Path, default=None, metavar="RUN",
+                        help="only write base/transformer/ and base/connector/ from this `experiment=toy_base` run")
     args = parser.parse_args(argv)
+    if args.base_from:
+        save_base(args.base_from, args.out)
+        return
     torch.set_num_threads(1)  # one thread sums in one order: the same weights on every run (same torch build)
     build_qwen(args.out / "qwen")
     build_base_text_encoders(args.out / "base")
