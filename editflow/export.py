@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from editflow.errors import EditflowError
+from editflow.models.build import relocate_asset
 from editflow.model_paths import EXPORT_FILE, LORA_FILE, resolve_checkpoint
 
 COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"  # kohya/FLUX-original keys
@@ -81,6 +82,16 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False, overwr
     return out
 
 
+def _base_loads_as_pipeline(pretrained: str | None) -> bool:
+    """Whether a LoRA export can name its base instead of holding it: a hub id, or a local folder diffusers
+    loads as a pipeline (model_index.json). A random base, or a folder with only the transformer (the shipped
+    tiny base), is written into the export."""
+    if not pretrained:
+        return False
+    local = Path(relocate_asset(str(pretrained)))
+    return not local.exists() or (local / "model_index.json").is_file()
+
+
 def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
     config = pipe.config
     transformer = pipe.editor.transformer
@@ -93,7 +104,7 @@ def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
     if kind == "lora":
         _write_lora(transformer, tmp)
         transformer.unload_lora()  # the base weights from here on
-    if kind == "full" or not config.model.transformer.pretrained:
+    if kind == "full" or not _base_loads_as_pipeline(config.model.transformer.pretrained):
         # FluxKontextPipeline layout; for a LoRA this is the base (only when it was not loaded from a path)
         pipe.to_diffusers().save_pretrained(tmp, safe_serialization=True)
     else:
@@ -110,7 +121,8 @@ def _write_export(pipe, checkpoint: Path, tmp: Path, merge_lora: bool) -> None:
         "config": json.loads(json.dumps(dict(_to_container(config)))),
     }, indent=1))
     q = config.model.qwen
-    base = config.model.transformer.pretrained or "THIS_DIR"
+    base = config.model.transformer.pretrained if _base_loads_as_pipeline(config.model.transformer.pretrained) \
+        else "THIS_DIR"
     usage = (LORA_USAGE if kind == "lora" else FULL_USAGE).format(base=base, guidance=pipe.guidance)
     (tmp / "README.md").write_text(MODEL_CARD.format(
         checkpoint=checkpoint, qwen=q.pretrained, layer=q.hidden_layer, kind=kind, usage=usage,

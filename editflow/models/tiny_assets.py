@@ -256,6 +256,8 @@ README = """Tiny assets for tests and the toy default, built by `python -m editf
   Reconstruction error on held-out toy images is checked by tests/test_models.py.
 - base/: the tiny base's CLIP text encoder + tokenizer (FLUX.1-Kontext layout), for the connector's
   pooled start (the pooled embedding of the empty prompt).
+- base/transformer/, base/connector/: the tiny pretrained editor the toy default fine-tunes, written by
+  `--base-from RUN` from a run of `experiment=toy_base`.
 """
 
 
