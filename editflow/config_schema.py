@@ -23,7 +23,7 @@ from editflow.errors import ConfigError
 from editflow.flow import LOSS_WEIGHTING, REGION_WEIGHTING, SIGMA_SAMPLING
 from editflow.models.attention import ALIASES, PLANS
 from editflow.models.build import DTYPES, TRAINABLE
-from editflow.models.connector import CONNECTOR_KINDS
+from editflow.models.connector import CONNECTOR_KINDS, POOLED_MODES
 from editflow.optim import OPTIMIZERS, SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -114,9 +114,13 @@ class ConnectorConfig(Checked):
     init_from: Optional[str] = None
     text_encoders: Optional[str] = None  # the base's CLIP and T5 folders: pooled vector and token scale at the start
     token_std: Union[float, int, str] = 1.0  # output-token RMS at the start: a number, or from_base (the base's T5)
+    # the pooled vector: learned (CLIP's "" + a correction from zero, trained from stage 2 on) | base (CLIP's ""
+    # for the whole run, as the public reference feeds it; a loaded correction is dropped)
+    pooled: str = "learned"
 
     def check(self) -> None:
         one_of(self.kind, CONNECTOR_KINDS, "model.connector.kind")
+        one_of(self.pooled, POOLED_MODES, "model.connector.pooled")
         if self.hidden_dim is not None:
             positive(self.hidden_dim, "model.connector.hidden_dim")
         non_negative(self.refiner_layers, "model.connector.refiner_layers")
@@ -349,8 +353,9 @@ class ObjectiveConfig(Checked):
     logit_std: float = 1.0
     mode_scale: float = 1.29  # sigma_sampling=mode (SD3)
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
-    # weight the loss inside the changed region (toy mask, else |source - target|): none | log, where log is
-    # 1 + log2(cells / region cells) inside and 1 outside (the public GPT-Image-Edit code's mask_weight_type)
+    # weight the loss by the changed region (toy mask, else |source - target|): none | log | log_both. log is
+    # 1 + log2(cells / region cells) inside and 1 outside (the public GPT-Image-Edit code's mask_weight_type);
+    # log_both boosts the unchanged part by its own share too (flow.region_weights)
     region_weighting: str = "none"
     # condition dropout for classifier-free guidance (what Qwen sees; the sampler's --text/--image-guidance)
     drop_text: float = 0.0  # source image, no instruction

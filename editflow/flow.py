@@ -27,7 +27,7 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
-REGION_WEIGHTING = ("none", "log")
+REGION_WEIGHTING = ("none", "log", "log_both")
 
 
 def sample_sigmas(
@@ -61,17 +61,23 @@ def region_weights(scheme: str, region: torch.Tensor) -> torch.Tensor | None:
     """Per-latent loss weights (B, 1, h, w) from the changed region (B, h, w), or None for "none".
 
     "log" (the public GPT-Image-Edit code's `mask_weight_type: 'log'`): 1 outside the region and
-    1 + log2(cells / region cells) inside, so a small edit is not drowned by the unchanged rest. A sample
-    whose region is empty or everything gets weight 1 everywhere."""
+    1 + log2(cells / region cells) inside, so a small edit is not drowned by the unchanged rest.
+    "log_both": the same boost on both sides, each by its own share, so whichever part is small counts:
+    the edit of a local change, and the objects kept when the whole background changes.
+    A sample whose region is empty or everything gets weight 1 everywhere."""
     if scheme not in REGION_WEIGHTING:
         raise ValueError(f"unknown region weighting {scheme!r}; expected one of {REGION_WEIGHTING}")
     if scheme == "none":
         return None
     region = region.bool()
     cells = region[0].numel()
-    inside = region.flatten(1).sum(1).clamp(min=1)
-    boost = 1.0 + torch.log2(cells / inside.float())
-    return torch.where(region, boost.view(-1, 1, 1), 1.0).unsqueeze(1)
+
+    def boost(part: torch.Tensor) -> torch.Tensor:  # (B, 1, 1): 1 + log2(cells / cells in part), 1 if empty
+        inside = part.flatten(1).sum(1)
+        return torch.where(inside > 0, 1.0 + torch.log2(cells / inside.clamp(min=1).float()), 1.0).view(-1, 1, 1)
+
+    outside = boost(~region) if scheme == "log_both" else torch.ones(len(region), 1, 1)
+    return torch.where(region, boost(region), outside).unsqueeze(1)
 
 
 def training_loss(editor, x0, noise, sigmas, sources, states, mask, guidance, weighting: str = "none",

@@ -159,6 +159,32 @@ def test_trainable_connector_freezes_the_transformer(tiny_model_cfg):
     assert all(p.requires_grad for p in full.connector.pooled_correction.parameters())  # stage 2 learns it
 
 
+def test_pooled_base_holds_the_empty_prompt_vector_for_the_whole_run(tiny_model_cfg, models, calibration, tmp_path):
+    """model.connector.pooled=base: a loaded correction is dropped and none trains, in any mode."""
+    source = Connector(64, 128, 64, hidden_dim=128)
+    start_connector(source, tiny_model_cfg.connector, lambda: calibration)
+    with torch.no_grad():
+        source.pooled_correction[-1].weight.normal_()  # a trained correction, e.g. the shipped base's
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "connector.safetensors")
+    states, mask = toy_states(models.conditioner, range(20, 24))
+    cfg = OmegaConf.merge(tiny_model_cfg.connector, {"init_from": str(tmp_path / "connector.safetensors")})
+    learned = Connector(64, 128, 64, hidden_dim=128)
+    start_connector(learned, cfg, lambda: calibration)
+    assert not torch.equal(learned.pooled(states, mask), learned.pooled_base.expand(len(states), -1))
+    held = Connector(64, 128, 64, hidden_dim=128)
+    start_connector(held, OmegaConf.merge(cfg, {"pooled": "base"}), lambda: calibration)
+    assert torch.equal(held.pooled(states, mask), clip_pooled_of_empty_prompt().expand(len(states), -1))
+    assert torch.equal(held.mlp[0].weight, learned.mlp[0].weight)  # the token path loads as before
+    for trainable in ("full", "lora", "connector"):
+        cfg = OmegaConf.merge(tiny_model_cfg, {"trainable": trainable, "connector": {"pooled": "base"}})
+        editor = build_models(cfg, seed=0, training=True).editor
+        assert not any(p.requires_grad for p in editor.connector.pooled_correction.parameters()), trainable
+    from editflow.config import compose, validate
+
+    with pytest.raises(ConfigError, match="model.connector.pooled"):
+        validate(compose(["model.connector.pooled=clip"]), files=False)
+
+
 def test_stage_two_starts_from_the_stage_one_connector(tmp_path, monkeypatch):
     """experiment=align_connector in miniature: the transformer stays frozen, then a fine-tune starts from it."""
     import sys

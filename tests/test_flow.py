@@ -140,6 +140,23 @@ def test_log_region_weights_boost_the_changed_cells_by_how_small_they_are():
         flow.region_weights("exp", region)
 
 
+def test_log_both_region_weights_boost_whichever_part_is_small():
+    region = torch.ones(3, 4, 4, dtype=torch.bool)
+    region[0, :1, :2] = False  # a background change: 14 cells changed, the 2 cells of an object kept
+    region[1] = False  # nothing changed
+    region[2, :1, :2] = False
+    region[2] = ~region[2]  # a local edit: 2 cells changed
+    weights = flow.region_weights("log_both", region)[:, 0]
+    kept_boost, changed_boost = 1 + 3, 1 + torch.log2(torch.tensor(16 / 14))
+    assert torch.all(weights[0][~region[0]] == kept_boost)
+    assert torch.allclose(weights[0][region[0]], changed_boost.expand(14))
+    assert torch.all(weights[1] == 1)
+    assert torch.all(weights[2][region[2]] == kept_boost)
+    assert torch.allclose(weights[2][~region[2]], changed_boost.expand(14))
+    log = flow.region_weights("log", region)[:, 0]  # log leaves the kept part at 1
+    assert torch.all(log[0][~region[0]] == 1) and torch.equal(log[2], weights[2].where(region[2], 1.0))
+
+
 def test_region_weighted_loss_scales_each_latent_and_logs_the_plain_loss():
     x0, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     error = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).expand(2, 1, 2, 2)

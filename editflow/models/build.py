@@ -168,12 +168,13 @@ def select_trainable(transformer: FluxTransformer2DModel, cfg: DictConfig) -> No
                                                                                  REFERENCE_ATTENTION_PATTERNS))
 
 
-def select_trainable_connector(connector: Connector, mode: str) -> None:
+def select_trainable_connector(connector: Connector, mode: str, pooled: str = "learned") -> None:
     """Stage 1 (trainable=connector) trains the token path alone: the pooled vector stays at the base's CLIP
     embedding of "", the constant the public reference feeds in its stage 1, and its correction learns in
     stage 2, from zero. A correction aligned to a frozen transformer first cost the toy's two-stage run
-    (README, "The two-stage recipe")."""
-    connector.pooled_correction.requires_grad_(mode != "connector")
+    (README, "The two-stage recipe"). With model.connector.pooled=base it never trains (`start_connector`
+    zeroes it)."""
+    connector.pooled_correction.requires_grad_(mode != "connector" and pooled == "learned")
 
 
 def keep_trainable_in_fp32(editor: KontextEditor, cfg: DictConfig) -> None:
@@ -214,7 +215,7 @@ def build_editor(cfg: DictConfig, transformer: FluxTransformer2DModel, plan: Att
     connector = build_connector(cfg.connector, qwen_dim, transformer)
     connector.to(transformer.device, torch_dtype(cfg.dtype))
     if training:
-        select_trainable_connector(connector, cfg.trainable)
+        select_trainable_connector(connector, cfg.trainable, cfg.connector.get("pooled", "learned"))
     return KontextEditor(transformer, connector, attention_backend=plan, text_pad_multiple=cfg.text_pad_multiple)
 
 

@@ -10,6 +10,7 @@ every AdaLN modulation). The connector replaces both, and starts where Kontext e
 - pooled: the base's CLIP pooled embedding of the empty prompt (`pooled_base`, a buffer stored with the
   connector, what the public reference feeds constantly) plus a learned correction from the masked mean of
   the states whose last layer starts at zero: at step 0 every modulation is the one Kontext knows.
+  `hold_pooled_` keeps it there for good (model.connector.pooled=base, as the reference does).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 CONNECTOR_KINDS = ("mlp", "reference")
+# model.connector.pooled: learned (CLIP's "" plus a correction that trains) | base (held at CLIP's "")
+POOLED_MODES = ("learned", "base")
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,17 @@ class Connector(nn.Module):
         for layer in self.refiner or ():
             tokens = layer(tokens, src_key_padding_mask=~mask)  # real tokens never attend to padding
         return tokens * mask.to(tokens.dtype).unsqueeze(-1)  # padding carries exact zeros
+
+    def hold_pooled_(self) -> bool:
+        """Zero and freeze the pooled correction: the pooled vector is `pooled_base` from now on, in training
+        and in every saved copy. Returns whether a non-zero correction (a loaded one) was dropped."""
+        last = self.pooled_correction[-1]
+        dropped = bool(last.weight.any() or last.bias.any())
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        self.pooled_correction.requires_grad_(False)
+        return dropped
 
     def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         correction = self.pooled_correction(masked_mean(states, mask))

@@ -167,6 +167,10 @@ def start_connector(connector: Connector, cfg: DictConfig,
             raise ConfigError(f"model.connector.text_encoders: the CLIP at {cfg.text_encoders} gives a pooled "
                               f"vector of {pooled.shape[0]}, the transformer takes {connector.pooled_base.shape[0]}")
         connector.pooled_base.copy_(pooled)
+    if cfg.get("pooled", "learned") == "base":
+        dropped = connector.hold_pooled_()
+        log.info("connector: the pooled vector is held at the base's CLIP \"\" (model.connector.pooled=base)%s",
+                 "; the loaded correction is dropped" if dropped else "")
     if not any(k.startswith("mlp.") for k in loaded):
         target = cfg.token_std
         if target == "from_base":
