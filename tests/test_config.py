@@ -75,6 +75,17 @@ def test_the_8xa100_recipe():
     assert released.model.trainable == "reference_attention" and released.data.square_only
 
 
+def test_the_tiny_base_recipe_is_the_one_that_made_the_shipped_base():
+    """experiment=toy_base must keep the measured base run's settings, not inherit the default fine-tune's."""
+    cfg = load("experiment=toy_base")
+    assert cfg.model.transformer.pretrained is None and cfg.model.connector.init_from is None  # from scratch
+    assert (cfg.data.toy.seed, cfg.data.toy.num_train, cfg.objective.region_weighting) == (2, 20000, "log")
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == \
+        (2e-3, 1e-5, 16000, 16)
+    default = load()
+    assert default.optim.lr == 5e-4 and default.model.transformer.pretrained.endswith("tiny/base")
+
+
 @pytest.mark.parametrize("world,expected", [(1, 128), (2, 64), (8, 16), (16, 8)])
 def test_accumulation_is_derived_from_the_world_size(world, expected):
     cfg = load("experiment=gpt_image_edit_8xa100")
