@@ -76,7 +76,7 @@ def region_weights(scheme: str, region: torch.Tensor) -> torch.Tensor | None:
         inside = part.flatten(1).sum(1)
         return torch.where(inside > 0, 1.0 + torch.log2(cells / inside.clamp(min=1).float()), 1.0).view(-1, 1, 1)
 
-    outside = boost(~region) if scheme == "log_both" else torch.ones(len(region), 1, 1)
+    outside = boost(~region) if scheme == "log_both" else 1.0
     return torch.where(region, boost(region), outside).unsqueeze(1)
 
 
