@@ -364,7 +364,7 @@ class ObjectiveConfig(Checked):
     resolution_shift: bool = True  # FLUX's shift by the number of target tokens
     # Kontext's distilled guidance: the value fed while training, and the default when sampling (editflow edit,
     # editflow eval, the run's evaluation, EditPipeline and exports all read sample_guidance). The toy's random
-    # tiny transformer only ever sees its training value; the real presets sample at 3.5 (README: guidance).
+    # tiny transformer only ever sees its training value; the real presets sample at 3.5 (README, options table).
     guidance: float = 1.0
     sample_guidance: float = "${.guidance}"  # type: ignore[assignment]
 
