@@ -81,8 +81,11 @@ def kind_table(result: dict) -> list[str]:
 
 
 def summary(run_dir: Path, checkpoint: Path | None, grid: Path | None, result: dict, phases: dict[str, float],
-            steps: int, example: tuple[Path, str] | None = None, start_grid: Path | None = None) -> str:
-    """The text printed (and saved as summary.txt) at the end of a run."""
+            steps: int, example: tuple[Path, str] | None = None, start_grid: Path | None = None,
+            cpu_seconds: float | None = None, processes: int = 1) -> str:
+    """The text printed (and saved as summary.txt) at the end of a run.
+
+    cpu_seconds: the CPU time of all `processes` of the job (default: this process's own)."""
     run = _shown(run_dir)
     lines = ["", f"Run finished: {run}"]
     if checkpoint is not None:
@@ -96,12 +99,14 @@ def summary(run_dir: Path, checkpoint: Path | None, grid: Path | None, result: d
         lines += ["", f"Held-out edits ({result['num_samples']}): mean absolute pixel error on [0, 1], lower is "
                       "better; success = the edited region right and the rest kept", *kind_table(result)]
     wall, cpu = process_times()
+    cpu = cpu if cpu_seconds is None else cpu_seconds
     parts = [f"{name} {duration(s)}" for name, s in phases.items()]
     training = phases.get("training steps")
     if training:
         parts[list(phases).index("training steps")] += f" ({steps} steps, {steps / training:.1f}/s)"
     parts.append(f"startup and the rest {duration(max(0.0, wall - sum(phases.values())))}")
-    lines += ["", f"Time: {duration(wall)} wall, {duration(cpu)} CPU: " + ", ".join(parts)]
+    cpu_note = f" CPU ({processes} processes)" if processes > 1 else " CPU"
+    lines += ["", f"Time: {duration(wall)} wall, {duration(cpu)}{cpu_note}: " + ", ".join(parts)]
     lines += ["", "Next:"]
     if example is not None:
         image, instruction = example

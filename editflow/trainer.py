@@ -40,7 +40,7 @@ from editflow.models.connector_start import start_connector
 from editflow.optim import build_optimizer, build_schedule
 from editflow.pipeline import EditPipeline, sample_guidance
 from editflow.preemption import Preemption
-from editflow.run_summary import PhaseTimer, summary
+from editflow.run_summary import PhaseTimer, process_times, summary
 from editflow.throughput import count_step_flops, device_peak_tflops, flop_rates
 from editflow.config import check_world_size
 
@@ -375,6 +375,9 @@ class Trainer:
         if result and self._start_result:  # eval.json keeps the start beside the end
             result["start"] = {"step": 0, "model": self._start_result["model"]}
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        # the job's CPU time is every rank's: each one adds its own (a collective, so all ranks call it)
+        acc = self.accelerator
+        cpu = acc.reduce(torch.tensor([process_times()[1]], dtype=torch.float32, device=acc.device), "sum").item()
         if self.accelerator.is_main_process:
             example = None
             if self._grid_rows:  # a held-out source to try `editflow edit` on
@@ -383,7 +386,8 @@ class Trainer:
                 sample.source.save(image)
                 example = (image, sample.instruction)
             text = summary(self.run_dir, self.checkpointer.latest(), self._grid_path, result, self.timer.seconds,
-                           steps, example, start_grid=self._start_grid)
+                           steps, example, start_grid=self._start_grid, cpu_seconds=cpu,
+                           processes=acc.num_processes)
             (self.run_dir / "summary.txt").write_text(text)
         self.run_log.finish(result)
         if self.accelerator.is_main_process:  # the last thing on the terminal

@@ -103,6 +103,9 @@ def test_accelerate_launch_runs_the_same_app(quick_run, launcher):
     processes = result.stderr.count("run directory:") + result.stdout.count("run directory:")
     assert processes == (2 if "cpu_2proc" in launcher[-1] else 1)
     assert (run / "checkpoints" / "step-0000004" / "COMPLETE").exists()
+    # the summary's CPU time is the job's: every process's, said as such when there are several
+    [time_line] = [line for line in (run / "summary.txt").read_text().splitlines() if line.startswith("Time:")]
+    assert (" CPU (2 processes):" in time_line) == (processes == 2) and " CPU" in time_line
 
 
 @pytest.mark.parametrize("name, code, marker", [("SIGUSR1", 42, True), ("SIGINT", 130, False)])
