@@ -181,6 +181,8 @@ def check(tokens: list[str], optional: bool, stop) -> None:
         if launch.config_file:
             assert (ROOT / launch.config_file).is_file(), f"{launch.config_file} is not in the repository"
         assert launch.module, "the README launches editflow as a module (-m editflow.train)"
+        if launch.training_script == "editflow.train":  # the global batch splits over the launch's processes
+            check_world_size(launch, launch.training_script_args)
         run_module(launch.training_script, launch.training_script_args, stop)
     elif program == "bash":
         script = ROOT / args[-1]
@@ -193,6 +195,19 @@ def check(tokens: list[str], optional: bool, stop) -> None:
                       and args[i + 1] in ("train", "edit", "eval", "export", "data", "encode", "bench")), None)
         if inner is not None:
             run_editflow(args[inner + 1:], False, stop)
+
+
+def check_world_size(launch, overrides: list[str]) -> None:
+    """The composed config's global batch splits over the processes this launch starts (the flag, else its
+    config file's `num_processes`), as the trainer checks before it builds anything."""
+    import yaml
+
+    from editflow.config import check_world_size as check, compose
+
+    processes = launch.num_processes
+    if processes is None and launch.config_file:
+        processes = yaml.safe_load((ROOT / launch.config_file).read_text()).get("num_processes")
+    check(compose([o for o in overrides if not o.startswith("hydra.")]), int(processes or 1))
 
 
 def _real(args: list[str], optional: bool) -> bool:
