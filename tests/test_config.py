@@ -82,8 +82,14 @@ def test_the_tiny_base_recipe_is_the_one_that_made_the_shipped_base():
     assert (cfg.data.toy.seed, cfg.data.toy.num_train, cfg.objective.region_weighting) == (2, 20000, "log")
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == \
         (2e-3, 1e-5, 16000, 16)
+    refine = load("experiment=toy_base_refine")  # its continuation: from a base, the pooled vector held
+    assert refine.model.transformer.pretrained.endswith("tiny/base") and refine.model.connector.pooled == "base"
+    assert (refine.data.toy.seed, refine.data.toy.num_train, refine.objective.region_weighting) == \
+        (2, 20000, "log_both")
+    assert (refine.optim.lr, refine.trainer.max_steps) == (1e-3, 16000)
     default = load()
-    assert default.optim.lr == 5e-4 and default.model.transformer.pretrained.endswith("tiny/base")
+    assert default.optim.lr == 2e-4 and default.model.transformer.pretrained.endswith("tiny/base")
+    assert default.objective.region_weighting == "log_both"
 
 
 @pytest.mark.parametrize("world,expected", [(1, 128), (2, 64), (8, 16), (16, 8)])

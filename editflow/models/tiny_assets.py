@@ -257,7 +257,7 @@ README = """Tiny assets for tests and the toy default, built by `python -m editf
 - base/: the tiny base's CLIP text encoder + tokenizer (FLUX.1-Kontext layout), for the connector's
   pooled start (the pooled embedding of the empty prompt).
 - base/transformer/, base/connector/: the tiny pretrained editor the toy default fine-tunes, written by
-  `--base-from RUN` from a run of `experiment=toy_base`.
+  `--base-from RUN` from a run of `experiment=toy_base` (or of `experiment=toy_base_refine` continuing one).
 """
 
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-init", type=Path, default=None, help="start from these VAE weights (skips crop phase)")
     parser.add_argument("--skip-vae", action="store_true", help="rebuild only the Qwen and CLIP assets")
     parser.add_argument("--base-from", type=Path, default=None, metavar="RUN",
-                        help="only write base/transformer/ and base/connector/ from this `experiment=toy_base` run")
+                        help="only write base/transformer/ and base/connector/ from this run (experiment=toy_base or toy_base_refine)")
     args = parser.parse_args(argv)
     if args.base_from:
         save_base(args.base_from, args.out)
