@@ -202,12 +202,12 @@ def check_world_size(launch, overrides: list[str]) -> None:
     config file's `num_processes`), as the trainer checks before it builds anything."""
     import yaml
 
-    from editflow.config import check_world_size as check, compose
+    from editflow.config import check_world_size as split_over, compose
 
     processes = launch.num_processes
     if processes is None and launch.config_file:
         processes = yaml.safe_load((ROOT / launch.config_file).read_text()).get("num_processes")
-    check(compose([o for o in overrides if not o.startswith("hydra.")]), int(processes or 1))
+    split_over(compose([o for o in overrides if not o.startswith("hydra.")]), int(processes or 1))
 
 
 def _real(args: list[str], optional: bool) -> bool:
