@@ -15,8 +15,12 @@ import argparse
 import copy
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import FluxTransformer2DModel
+
+if TYPE_CHECKING:  # imported where a model is loaded, after main() has kept diffusers' import notices quiet
+    from diffusers import FluxTransformer2DModel
 
 # Which chunks of each AdaLN linear's output are gates: AdaLayerNormZero gives (shift, scale, gate) for the
 # attention then for the MLP; AdaLayerNormZeroSingle one (shift, scale, gate) for the fused block.
@@ -64,6 +68,8 @@ def deepen(model: FluxTransformer2DModel, num_layers: int | None = None,
 
 def _load(path: Path) -> FluxTransformer2DModel:
     """A transformer directory, or an export / pipeline directory with a `transformer/` subfolder."""
+    from diffusers import FluxTransformer2DModel
+
     if (path / "config.json").is_file():
         return FluxTransformer2DModel.from_pretrained(path)
     if (path / "transformer" / "config.json").is_file():
@@ -72,6 +78,9 @@ def _load(path: Path) -> FluxTransformer2DModel:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from editflow import quiet
+
+    quiet.install()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a transformer directory, or an export with transformer/")
     parser.add_argument("out", type=Path, help="where the deeper transformer is saved (save_pretrained)")

@@ -257,7 +257,8 @@ README = """Tiny assets for tests and the toy default, built by `python -m editf
 - base/: the tiny base's CLIP text encoder + tokenizer (FLUX.1-Kontext layout), for the connector's
   pooled start (the pooled embedding of the empty prompt).
 - base/transformer/, base/connector/: the tiny pretrained editor the toy default fine-tunes, written by
-  `--base-from RUN` from a run of `experiment=toy_base` (or of `experiment=toy_base_refine` continuing one).
+  `--base-from RUN` from a run of `experiment=toy_base` (or of `experiment=toy_base_refine` continuing one,
+  possibly from a transformer grown by `python -m editflow.models.deepen`).
 """
 
 
@@ -276,6 +277,10 @@ def save_base(run: Path, out: Path) -> None:
             target = out / "base" / part
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(exported / part, target)
+    config = out / "base" / "transformer" / "config.json"
+    settings = json.loads(config.read_text())
+    settings.pop("_name_or_path", None)  # the build machine's path of the run's start: nothing to another machine
+    config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     print(f"saved the tiny base (transformer/, connector/) from {run} to {out / 'base'}")
 
 
