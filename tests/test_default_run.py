@@ -1,6 +1,6 @@
 """The main job: `editflow train` with no overrides learns to edit, as far as the README promises: on 250
 held-out toy edits the fine-tuned tiny base beats copying the source on every kind of edit but recolor (the
-open gap, within 8 % of copying), about three in four of its edits succeed, and it keeps what the base could do
+open gap: 7 % behind copying), about three in four of its edits succeed, and it keeps what the base could do
 before its first step. The run starts quietly and ends with its summary."""
 
 import json

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
