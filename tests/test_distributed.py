@@ -42,13 +42,17 @@ def deepspeed_runs(request, tmp_path_factory):
     return root
 
 
-def test_deepspeed_checkpoints_hold_every_ranks_shard_and_whole_weights(deepspeed_runs, tiny_models):
+def test_deepspeed_checkpoints_hold_every_ranks_shard_and_whole_weights(deepspeed_runs):
+    from editflow.models.build import build_models
+
     checkpoint = deepspeed_runs / "straight" / "checkpoints" / "step-0000004"
     shards = sorted(p.name for p in (checkpoint / "engine").rglob("*optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     weights = load_file(checkpoint / "model.safetensors")
-    # gathered from the partitions (ZeRO-3 splits every weight across the ranks): full shapes, every tensor
-    expected = {k: v.shape for k, v in tiny_models.editor.state_dict().items()}
+    # gathered from the partitions (ZeRO-3 splits every weight across the ranks): full shapes, every tensor of
+    # the model the run trained (its own config: the default's tiny base)
+    run_model = build_models(OmegaConf.load(deepspeed_runs / "straight" / "config.yaml").model, seed=0)
+    expected = {k: v.shape for k, v in run_model.editor.state_dict().items()}
     assert {k: v.shape for k, v in weights.items()} == expected
     assert (deepspeed_runs / "straight" / "eval.json").exists()  # evaluation ran (all ranks, under ZeRO-3)
     metrics = read_metrics(deepspeed_runs / "straight")
