@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.source}: {err}") from err
     model.save_pretrained(args.out)
     after = (len(model.transformer_blocks), len(model.single_transformer_blocks))
-    print(f"{args.source}: {before[0]} + {before[1]} blocks -> {after[0]} + {after[1]}, saved to {args.out} "
-          f"(the new blocks' gates are closed: same output until they train)")
+    note = "the new blocks' gates are closed: same output until they train" if after != before else "no block added"
+    print(f"{args.source}: {before[0]} + {before[1]} blocks -> {after[0]} + {after[1]}, saved to {args.out} ({note})")
 
 
 if __name__ == "__main__":
