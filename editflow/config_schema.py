@@ -11,6 +11,7 @@ read back from checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -180,6 +181,17 @@ class ModelConfig(Checked):
 
 # ----------------------------------------------------------------------------------------------- data
 @dataclass
+class ToyKindWeights:
+    """Training edits of each kind per cycle of the toy stream (data.toy.kind_weights.recolor=2: two recolors
+    in every six edits); the held-out edits stay balanced, so per-kind scores compare across runs."""
+    recolor: int = 1
+    add: int = 1
+    remove: int = 1
+    move: int = 1
+    background: int = 1
+
+
+@dataclass
 class ToyDataConfig(Checked):
     num_train: int = 4000
     num_val: int = 64
@@ -187,12 +199,17 @@ class ToyDataConfig(Checked):
     size: int = 64  # pixels
     samples_per_shard: int = 1000
     cache_dir: Optional[str] = None  # null: $EDITFLOW_CACHE or ~/.cache/editflow
+    kind_weights: ToyKindWeights = field(default_factory=lambda: ToyKindWeights())
 
     def check(self) -> None:
         for key in ("num_train", "size", "samples_per_shard"):
             positive(getattr(self, key), f"data.toy.{key}")
         non_negative(self.num_val, "data.toy.num_val")
         require(toy.valid_size(self.size), "data.toy.size", f"must be {toy.SIZE_RULE}, got {self.size}")
+        try:
+            toy.weighted_kinds(dataclasses.asdict(self.kind_weights))
+        except ValueError as err:
+            require(False, "data.toy.kind_weights", str(err))
 
 
 def check_shard_spec(spec: Any, key: str) -> None:

@@ -116,6 +116,8 @@ def test_indivisible_global_batch_names_the_key():
     ("model.text_pad_multiple=0", "model.text_pad_multiple"), ("model.attention_backend=fast", "model.attention_backend"),
     ("trainer.max_steps=0", "trainer.max_steps"), ("logging.wandb_mode=cloud", "logging.wandb_mode"),
     ("data.toy.size=63", "data.toy.size"), ("data.toy.size=16", "data.toy.size"),
+    ("data.toy.kind_weights.recolor=-1", "data.toy.kind_weights"),
+    ("data.toy.kind_weights={recolor:0,add:0,remove:0,move:0,background:0}", "data.toy.kind_weights"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": "):
@@ -129,6 +131,7 @@ def test_bad_values_name_their_key(override, key):
     ("trainer.max_step=5", r"trainer\.max_step: unknown key"),
     ("+trainer.max_step=5", r"trainer\.max_step: unknown key"),  # Hydra adds it; validation refuses it
     ("+model.lora.rnak=8", r"model\.lora\.rnak: unknown key"),
+    ("data.toy.kind_weights.recolour=2", r"data\.toy\.kind_weights\.recolour: unknown key"),
     ("model=tinyy", r"model=tinyy: there is no .*tinyy\.yaml; the options: .*tiny"),
 ])
 def test_wrong_types_and_unknown_keys_name_their_key(override, message):

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from editflow.data.toy import SIZE_RULE, valid_size
+from editflow.data.toy import SIZE_RULE, valid_size, weighted_kinds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--size", type=int, default=64, help="image size in pixels (a multiple of 8, at least 24)")
     toy.add_argument("--samples-per-shard", type=int, default=1000)
+    toy.add_argument("--kind-weights", default="", metavar="KIND=N,...",
+                     help="edits of each kind per cycle, e.g. recolor=2,move=0 (kinds not named: 1)")
 
     conv = sub.add_parser("convert", help="convert a dataset into validated shards",
                           epilog="Hydra overrides among the inputs (model=..., model.qwen.pretrained=/local/qwen, "
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             from editflow.data.toy_shards import write_toy_shards
 
             out = write_toy_shards(args.out, args.num, seed=args.seed, size=args.size,
-                                   samples_per_shard=args.samples_per_shard)
+                                   samples_per_shard=args.samples_per_shard, kinds=toy_kinds(args.kind_weights))
             print(f"wrote {args.num} toy edits to {out}")
         elif args.command == "convert":
             convert(args)
@@ -93,6 +95,10 @@ def bad_option(args: argparse.Namespace) -> str | None:
                  ("--samples-per-shard", args.samples_per_shard, at_least_1, "at least 1")]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             return f"--out {args.out} is a file; give a folder for the shards"
+        try:
+            toy_kinds(args.kind_weights)
+        except ValueError as err:
+            return f"--kind-weights {args.kind_weights}: {err}"
     elif args.command == "convert":
         rules = [("--samples-per-shard", args.samples_per_shard, at_least_1, "at least 1"),
                  ("--workers", args.workers, at_least_1, "at least 1"),
@@ -101,6 +107,17 @@ def bad_option(args: argparse.Namespace) -> str | None:
     else:
         rules = []
     return next((f"{name} must be {what}, got {value}" for name, value, ok, what in rules if not ok(value)), None)
+
+
+def toy_kinds(spec: str) -> tuple[str, ...]:
+    """The kind cycle of --kind-weights "recolor=2,move=0" (ValueError: what is wrong with it)."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise ValueError(f"{item!r} is not KIND=N with N a whole number >= 0")
+        weights[kind.strip()] = int(count)
+    return weighted_kinds(weights)
 
 
 def convert(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from editflow.data.shards import MANIFEST, listed_sha256, read_manifest
 from editflow.data.stream import ShardSet
+from editflow.data.toy import EDIT_KINDS, weighted_kinds
 from editflow.data.toy_shards import write_toy_shards
 from editflow.errors import ConfigError, DataError
 
@@ -19,11 +20,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EDITFLOW_CACHE", Path.home() / ".cache" / "editflow"))
 
 
+def toy_kinds(cfg: DictConfig, split: str) -> tuple[str, ...]:
+    """The cycle of edit kinds of a toy split: data.toy.kind_weights for training; the held-out split stays
+    balanced, so its per-kind scores are comparable across runs."""
+    weights = cfg.get("kind_weights") if split == "train" else None
+    return weighted_kinds(dict(weights) if weights else None)
+
+
 def toy_dir(cfg: DictConfig, split: str) -> Path:
     cache = Path(cfg.cache_dir or default_cache_dir()).expanduser()
     num = cfg.num_train if split == "train" else cfg.num_val
     seed = cfg.seed if split == "train" else cfg.seed + 1  # held-out scenes come from a different seed
-    return cache / f"toy-{split}-s{seed}-n{num}-px{cfg.size}"
+    kinds = toy_kinds(cfg, split)
+    mix = "" if kinds == EDIT_KINDS else "-" + "".join(f"{k[:3]}{kinds.count(k)}" for k in EDIT_KINDS)
+    return cache / f"toy-{split}-s{seed}-n{num}-px{cfg.size}{mix}"
 
 
 def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
@@ -38,7 +48,7 @@ def ensure_toy(cfg: DictConfig, split: str, progress: bool = True) -> Path:
         with FileLock(str(locks / f"{directory.name}.lock")):
             if read_manifest(directory).get("num_samples") != num:
                 write_toy_shards(directory, num, seed=seed, size=cfg.size, samples_per_shard=cfg.samples_per_shard,
-                                 progress=progress)
+                                 progress=progress, kinds=toy_kinds(cfg, split))
     return directory
 
 

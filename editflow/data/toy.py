@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -303,13 +303,29 @@ def valid_size(size: int) -> bool:
     return size >= 24 and size % 8 == 0
 
 
+def weighted_kinds(weights: Mapping[str, int] | None) -> tuple[str, ...]:
+    """The cycle of edit kinds for `weights` (kind -> how many of each cycle; unnamed kinds count 1, 0 drops
+    one): {"recolor": 2} makes recolor two in six. None: every kind once."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(EDIT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown edit kind(s) {unknown}; the toy's kinds are {list(EDIT_KINDS)}")
+    bad = {k: v for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"edit kind weights must be whole numbers >= 0, got {bad}")
+    cycle = tuple(kind for kind in EDIT_KINDS for _ in range(weights.get(kind, 1)))
+    if not cycle:
+        raise ValueError("every edit kind has weight 0: at least one must be >= 1")
+    return cycle
+
+
 def make_edit(index: int, seed: int = 0, size: int = 64, kinds: tuple[str, ...] = EDIT_KINDS) -> ToyEdit:
     """Sample number `index` of the toy stream for `seed`: independent of every other index."""
     if not valid_size(size):
         raise ValueError(f"toy image size must be {SIZE_RULE}, got {size}")
     rng = random.Random(f"editflow-toy:{seed}:{index}")
     source_scene = _random_scene(rng)
-    kind = kinds[index % len(kinds)]  # balanced kinds, in a fixed cycle
+    kind = kinds[index % len(kinds)]  # kinds in a fixed cycle (balanced by default; see weighted_kinds)
     target_scene, instruction, details = _edit(source_scene, kind, rng)
     source, target = render(source_scene, size), render(target_scene, size)
     changed = np.any(np.asarray(source) != np.asarray(target), axis=-1)

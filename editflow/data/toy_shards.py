@@ -9,13 +9,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from editflow.data.shards import png_bytes, read_manifest, write_manifest, write_shard
-from editflow.data.toy import make_edit
+from editflow.data.toy import EDIT_KINDS, make_edit
 from editflow.errors import ConfigError
 
 
-def toy_sample(index: int, seed: int, size: int) -> dict:
+def toy_sample(index: int, seed: int, size: int, kinds: tuple[str, ...] = EDIT_KINDS) -> dict:
     """One toy edit in the shard sample format: src/tgt images, json metadata, and the ground-truth mask."""
-    edit = make_edit(index, seed=seed, size=size)
+    edit = make_edit(index, seed=seed, size=size, kinds=kinds)
     return {
         "__key__": edit.key,
         "src.png": png_bytes(edit.source),
@@ -32,11 +32,15 @@ def write_toy_shards(
     size: int = 64,
     samples_per_shard: int = 1000,
     progress: bool = True,
+    kinds: tuple[str, ...] = EDIT_KINDS,
 ) -> Path:
-    """Write `num` toy edits to `out`; shards already listed in the manifest are kept, not rewritten."""
+    """Write `num` toy edits to `out` (their kinds in the cycle `kinds`); shards already listed in the
+    manifest are kept, not rewritten."""
     out = Path(out)
     manifest = read_manifest(out)
     params = {"generator": "toy", "num": num, "seed": seed, "size": size, "samples_per_shard": samples_per_shard}
+    if tuple(kinds) != EDIT_KINDS:  # recorded only when not the balanced cycle: older manifests stay valid
+        params["kinds"] = list(kinds)
     made = manifest.get("params")
     # resuming is for the same toy set only: never mix two (a ConfigError is a ValueError, as before)
     if made != params and (made or manifest["shards"]):
@@ -57,7 +61,7 @@ def write_toy_shards(
         if name in done and (out / name).exists():
             shards.append(done[name])
         else:
-            shards.append(write_shard(out / name, (toy_sample(i, seed, size) for i in range(first, last))))
+            shards.append(write_shard(out / name, (toy_sample(i, seed, size, kinds) for i in range(first, last))))
             # The manifest grows shard by shard, so an interrupted run resumes where it stopped.
             write_manifest(out, {"params": params, "shards": shards})
         bar.update(last - first)
