@@ -199,7 +199,7 @@ class ToyDataConfig(Checked):
     size: int = 64  # pixels
     samples_per_shard: int = 1000
     cache_dir: Optional[str] = None  # null: $EDITFLOW_CACHE or ~/.cache/editflow
-    kind_weights: ToyKindWeights = field(default_factory=lambda: ToyKindWeights())
+    kind_weights: ToyKindWeights = field(default_factory=ToyKindWeights)
 
     def check(self) -> None:
         for key in ("num_train", "size", "samples_per_shard"):

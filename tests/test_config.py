@@ -80,6 +80,7 @@ def test_the_tiny_base_recipe_is_the_one_that_made_the_shipped_base():
     cfg = load("experiment=toy_base")
     assert cfg.model.transformer.pretrained is None and cfg.model.connector.init_from is None  # from scratch
     assert (cfg.data.toy.seed, cfg.data.toy.num_train, cfg.objective.region_weighting) == (2, 20000, "log")
+    assert set(cfg.data.toy.kind_weights.values()) == {1}  # balanced, as measured (the default weights two kinds)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == \
         (2e-3, 1e-5, 16000, 16)
     refine = load("experiment=toy_base_refine")  # its continuation: from a base, the pooled vector held
@@ -90,6 +91,7 @@ def test_the_tiny_base_recipe_is_the_one_that_made_the_shipped_base():
     default = load()
     assert default.optim.lr == 2e-4 and default.model.transformer.pretrained.endswith("tiny/base")
     assert default.objective.region_weighting == "log_both"
+    assert (default.data.toy.kind_weights.recolor, default.data.toy.kind_weights.background) == (2, 2)
 
 
 @pytest.mark.parametrize("world,expected", [(1, 128), (2, 64), (8, 16), (16, 8)])
