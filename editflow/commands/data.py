@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             from editflow.data.toy_shards import write_toy_shards
 
             out = write_toy_shards(args.out, args.num, seed=args.seed, size=args.size,
-                                   samples_per_shard=args.samples_per_shard, kinds=toy_kinds(args.kind_weights))
+                                   samples_per_shard=args.samples_per_shard, kinds=kinds_from_spec(args.kind_weights))
             print(f"wrote {args.num} toy edits to {out}")
         elif args.command == "convert":
             convert(args)
@@ -96,7 +96,7 @@ def bad_option(args: argparse.Namespace) -> str | None:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             return f"--out {args.out} is a file; give a folder for the shards"
         try:
-            toy_kinds(args.kind_weights)
+            kinds_from_spec(args.kind_weights)
         except ValueError as err:
             return f"--kind-weights {args.kind_weights}: {err}"
     elif args.command == "convert":
@@ -109,7 +109,7 @@ def bad_option(args: argparse.Namespace) -> str | None:
     return next((f"{name} must be {what}, got {value}" for name, value, ok, what in rules if not ok(value)), None)
 
 
-def toy_kinds(spec: str) -> tuple[str, ...]:
+def kinds_from_spec(spec: str) -> tuple[str, ...]:
     """The kind cycle of --kind-weights "recolor=2,move=0" (ValueError: what is wrong with it)."""
     weights = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
