@@ -1,35 +1,40 @@
 """The main job: `editflow train` with no overrides learns to edit, as far as the README promises: on 250
-held-out toy edits the fine-tuned tiny base beats copying the source on every kind of edit but recolor (the
-open gap: 7 % behind copying), about three in four of its edits succeed, and it keeps what the base could do
-before its first step. The run starts quietly and ends with its summary."""
+held-out toy edits the fine-tuned tiny base beats copying the source on every kind of edit (recolor narrowly),
+more than four in five of its edits succeed, and it keeps what the base could do before its first step. The
+run starts quietly and ends with its summary."""
 
 import json
+import math
 import subprocess
 import sys
 
 KINDS = ("add", "background", "move", "recolor", "remove")
-# Measured on the default run (README, "The default run"): mae 0.0153 vs copy-the-source 0.0667 overall (0.0161
-# at step 0: the base already edits, and the fine-tune keeps it there), every kind below copying but recolor
-# (0.0160 vs 0.0149), success 0.78 (add 1.00, remove 0.92, move 0.82, recolor 0.74, background 0.42).
+# Measured on the default run (README, "The default run"): mae 0.0128 vs copy-the-source 0.0667 overall (0.0135
+# at step 0: the base already edits, and the fine-tune keeps it there), every kind below copying, recolor
+# narrowly (0.0145 vs 0.0149), success 0.86 (add 1.00, remove 0.94, move 0.86, recolor 0.82, background 0.66).
 # The thresholds leave room for other machines' float sums (one edit of 50 is 0.02 of a kind's success).
-BEHIND_COPY = "recolor"  # the kind the default does not yet win (issue 14): guarded so that it does not slip further
+NARROW = "recolor"  # beats copying by 3 %; sampling seeds 0-2 give 0.92-1.03x copying (one edit of 50 is ~3 %)
 
 
 def test_default_run_beats_copy_source_on_every_kind_and_keeps_its_start(default_run):
     run = default_run / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[:4], metrics[-4:]  # the fine-tune's loss falls (means over 100 steps)
-    assert sum(m["loss"] for m in last) < sum(m["loss"] for m in first)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) >= 12 and all(math.isfinite(loss) for loss in losses)
+    # The base already fits these edits, so the fine-tune's loss is flat (0.015 +- 0.003 a logged step, measured):
+    # what must hold is that it does not drift away from the base (a too-high lr or a broken resume doubles it).
+    first, last = losses[:6], losses[-6:]
+    assert sum(last) < 1.25 * sum(first), (first, last)
     report = json.loads((run / "eval.json").read_text())
     model, baseline, start = report["model"], report["baseline"], report["start"]["model"]
     assert report["primary"] == "mae" and report["num_samples"] == 250 and report["ema_decay"] == 0.995
     assert model["mae"] < 0.35 * baseline["mae"], (model["mae"], baseline["mae"])
     for kind in KINDS:
-        margin = 1.12 if kind == BEHIND_COPY else 1.0
+        margin = 1.04 if kind == NARROW else 1.0
         assert model[f"mae/{kind}"] < margin * baseline[f"mae/{kind}"], kind
-    assert model["success"] >= 0.7 and model["success/add"] >= 0.9 and model["success/remove"] >= 0.85
-    assert min(model[f"success/{kind}"] for kind in ("move", "recolor")) >= 0.65
-    assert model["success/background"] >= 0.36
+    assert model["success"] >= 0.8 and model["success/add"] >= 0.9 and model["success/remove"] >= 0.85
+    assert min(model[f"success/{kind}"] for kind in ("move", "recolor")) >= 0.75
+    assert model["success/background"] >= 0.55
     assert model["success"] >= start["success"] - 0.05  # the fine-tune keeps what the base could do
     assert model["mae"] < 1.15 * start["mae"], (model["mae"], start["mae"])
     assert model["mae_edit_region"] < 0.5 * baseline["mae_edit_region"]
@@ -47,7 +52,7 @@ def test_default_run_starts_quietly_and_ends_with_its_summary(default_run):
     table = [line.split() for line in summary.splitlines()]
     rows = {words[0]: words for words in table if words and words[0] in (*KINDS, "all")}
     assert rows.keys() == {*KINDS, "all"} and all(("yes" in r) != ("NO" in r) for r in rows.values()), rows
-    assert all("yes" in row for kind, row in rows.items() if kind != BEHIND_COPY)  # README's promise
+    assert all("yes" in row for kind, row in rows.items() if kind != NARROW)  # README's promise
     assert "at step 0" in summary and "samples-step0000000.png" in summary  # where the run started
     for phase in ("toy data", "encoding", "training steps", "evaluation"):
         assert phase in summary
