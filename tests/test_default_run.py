@@ -22,7 +22,7 @@ def test_default_run_beats_copy_source_on_every_kind_and_keeps_its_start(default
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) >= 12 and all(math.isfinite(loss) for loss in losses)
     # The base already fits these edits, so the fine-tune's loss is flat (0.015 +- 0.003 a logged step, measured):
-    # what must hold is that it does not drift away from the base (a too-high lr or a broken resume doubles it).
+    # what must hold is that it does not drift away from the base, as a fine-tune at too high an lr would.
     first, last = losses[:6], losses[-6:]
     assert sum(last) < 1.25 * sum(first), (first, last)
     report = json.loads((run / "eval.json").read_text())
